@@ -1,0 +1,1 @@
+"""Grace on Dagster: psycholinguistics studies rerun with open LLMs as participants."""

@@ -1,0 +1,8 @@
+"""The Definitions object that Dagster loads (`dagster dev -w workspace.yaml`). Only assembly happens here."""
+
+from dagster import Definitions
+
+from grace_dagster.assets import ALL_ASSETS
+from grace_dagster.resources.defaults import default_resources
+
+defs = Definitions(assets=ALL_ASSETS, resources=default_resources())

@@ -1,0 +1,1 @@
+"""Kubernetes manifests rendered from the model registry, and the NRP policy checked over them."""

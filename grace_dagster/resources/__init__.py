@@ -1,0 +1,5 @@
+"""Dagster resources: thin wrappers that give assets storage and model endpoints."""
+
+from grace_dagster.resources.storage import Storage
+
+__all__ = ["Storage"]

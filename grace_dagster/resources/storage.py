@@ -1,0 +1,70 @@
+"""Where inputs are read from and outputs written to.
+
+Every output is written atomically (temporary file in the same directory, fsync, rename), so a killed run leaves
+either the previous good file or the new complete one, never half a table.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from grace_dagster.studies import Study
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary sibling of `path`, fsync it and rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class Storage(ConfigurableResource):
+    """The data directory (outputs) and the directory of study inputs."""
+
+    data_dir: str = Field(default="data", description="Root of all outputs (the shared CephFS volume on the NRP).")
+    input_dir: str | None = Field(
+        default=None,
+        description="Directory with study1.csv, study2.csv; default: the sample inputs shipped with the package.",
+    )
+
+    def input_path(self, study: Study) -> Path:
+        return Path(self.input_dir) / f"{study.name}.csv" if self.input_dir else study.sample_path
+
+    def path(self, *parts: str) -> Path:
+        return Path(self.data_dir).joinpath(*parts)
+
+    def write_table(self, table: pd.DataFrame, parquet: Path, csv: Path | None = None) -> list[Path]:
+        """Write the canonical Parquet copy and, for the R scripts, a CSV; both atomically."""
+        written = [atomic_write(parquet, lambda tmp: table.to_parquet(tmp, index=False))]
+        if csv is not None:
+            written.append(atomic_write(csv, lambda tmp: table.to_csv(tmp, index=False)))
+        return written
+
+    def read_table(self, parquet: Path) -> pd.DataFrame:
+        if not parquet.exists():
+            raise FileNotFoundError(f"{parquet} does not exist: materialize the upstream asset first")
+        return pd.read_parquet(parquet)
+
+    def trials_path(self, study: Study) -> Path:
+        return self.path("trials", f"{study.name}.parquet")

@@ -1,0 +1,50 @@
+"""Study 1: knowledge and implicature (Goodman & Stuhlmüller 2013, experiment 2 design).
+
+A speaker has looked at some of three objects and reports what they saw; the participant bets on how many of the
+three have the property, before (prior) and after (posterior) the utterance, and on whether the speaker knows exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+from grace_dagster.studies.base import Study
+from grace_dagster.studies.inputs import Column, int_in_range, text
+
+NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "1": 1, "2": 2, "3": 3}
+_ACCESS = re.compile(r"looked at (\w+) of the", re.IGNORECASE)
+_OBSERVED = re.compile(r"(\w+) of the \w+ (?:has|have)\b", re.IGNORECASE)
+
+
+def access_from_speech(row: dict[str, str]) -> int | None:
+    """How many objects the speaker looked at, read from `speech` ("I have looked at 2 of the 3 ...")."""
+    match = _ACCESS.search(row.get("speech", ""))
+    return NUMBER_WORDS.get(match.group(1).lower()) if match else None
+
+
+def observed_from_speech(row: dict[str, str]) -> int | None:
+    """The number the speaker reports ("Two of the jars have ..."); None for "Some" or other wording."""
+    matches = _OBSERVED.findall(row.get("speech", ""))
+    return NUMBER_WORDS.get(matches[-1].lower()) if matches else None
+
+
+STUDY = Study(
+    name="study1",
+    title="Knowledge and implicature",
+    citation=(
+        "Goodman, N. D. & Stuhlmüller, A. (2013). Knowledge and implicature: Modeling language understanding as "
+        "social cognition. Topics in Cognitive Science 5(1):173-184. doi:10.1111/tops.12007"
+    ),
+    columns=(
+        Column("story_setup", text, "string", required=True),
+        Column("priorQ", text, "string", required=True),
+        Column("speech", text, "string", required=True),
+        Column("speechQ", text, "string", required=True),
+        Column("knowledgeQ", text, "string"),
+        Column("participant", int_in_range(1, 10**6), "Int64"),
+        Column("story", text, "string"),
+        Column("access", int_in_range(1, 3), "Int64", derive=access_from_speech),
+        Column("observed", int_in_range(0, 3), "Int64", derive=observed_from_speech),
+    ),
+    full_size=300,
+)

@@ -1,0 +1,155 @@
+"""Study inputs: the shipped samples follow the designs, the group's Grace-only files load, bad files are refused
+with the file, row and column named."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from grace_dagster.studies import STUDIES, InputError
+from grace_dagster.studies.samples import study1_rows, study2_rows
+
+STUDY1 = STUDIES["study1"]
+STUDY2 = STUDIES["study2"]
+
+
+def test_samples_have_the_full_design():
+    s1 = STUDY1.load()
+    assert len(s1) == 300 == STUDY1.full_size
+    assert s1["trial_id"].is_unique
+    assert set(zip(s1["access"], s1["observed"], strict=True)) == {(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3)}
+    assert s1["story"].nunique() == 6
+    s2 = STUDY2.load()
+    assert len(s2) == 2424 == STUDY2.full_size
+    cells = Counter(zip(s2["Goal"], s2["State"], strict=True))
+    assert len(cells) == 12 and set(cells.values()) == {202}
+    assert s2["item"].nunique() == 13
+
+
+def test_committed_samples_equal_what_the_generator_writes(tmp_path):
+    from grace_dagster.studies.samples import write_samples
+
+    write_samples(tmp_path)
+    for name in ("study1", "study2"):
+        assert (tmp_path / f"{name}.csv").read_bytes() == STUDIES[name].sample_path.read_bytes(), (
+            f"{name}.csv drifted from grace_dagster/studies/samples.py: run `make samples`"
+        )
+
+
+def test_grace_only_columns_load_with_derived_ids_and_factors(tmp_path):
+    full = pd.read_csv(STUDY1.sample_path)
+    grace_only = full[["story_setup", "priorQ", "speech", "speechQ"]].assign(notes="kept")
+    path = tmp_path / "study1.csv"
+    grace_only.to_csv(path, index=False)
+    table = STUDY1.load(path)
+    assert list(table["trial_id"][:2]) == ["study1-0001", "study1-0002"]
+    # access and observed are parsed from the speech text, as the study defines it.
+    assert table["access"].tolist() == full["access"].tolist()
+    assert table["observed"].tolist() == full["observed"].tolist()
+    assert table["participant"].isna().all()
+    assert (table["notes"] == "kept").all(), "extra columns pass through"
+
+
+def test_study2_state_accepts_hearts_wording(tmp_path):
+    path = tmp_path / "study2.csv"
+    path.write_text(
+        "Scenario,Goal,State\n"
+        "A scenario.,Informative,2 out of 3 hearts\n"
+        "A scenario.,social,0 hearts\n"
+        "A scenario.,both,3\n"
+    )
+    table = STUDY2.load(path)
+    assert table["State"].tolist() == [2, 0, 3]
+    assert table["Goal"].tolist() == ["informative", "social", "both"]
+
+
+S2_HEADER = "trial_id,Scenario,Goal,State\n"
+S2_ROW = 'a,"Imagine that Ben baked bread.",social,1\n'
+
+# (name, study, file bytes, expected fragments of the message: row, column and what was expected)
+BAD_INPUTS = [
+    ("missing column", STUDY2, b"trial_id,Scenario,State\na,text,1\n", ["header", "'Goal'", "required column"]),
+    ("empty file", STUDY2, b"", ["the file is empty", "Scenario, Goal, State"]),
+    ("whitespace-only file", STUDY2, b"\n  \n", ["the file is empty"]),
+    ("header only", STUDY2, S2_HEADER.encode(), ["header but no rows"]),
+    (
+        "duplicate id",
+        STUDY2,
+        (S2_HEADER + S2_ROW + S2_ROW).encode(),
+        ["row 2", "line 3", "'trial_id'", "duplicate id 'a' (first used in row 1)"],
+    ),
+    (
+        "unknown goal",
+        STUDY2,
+        (S2_HEADER + 'a,"text",kindness,1\n').encode(),
+        ["row 1", "'Goal'", "expected one of informative, social, both; got 'kindness'"],
+    ),
+    (
+        "state out of range",
+        STUDY2,
+        (S2_HEADER + S2_ROW + 'b,"text",both,4\n').encode(),
+        ["row 2", "'State'", "expected a number of hearts from 0 to 3", "'4'"],
+    ),
+    (
+        "blank text",
+        STUDY2,
+        (S2_HEADER + S2_ROW + 'b,"  ",both,2\n').encode(),
+        ["row 2", "'Scenario'", "expected non-empty text"],
+    ),
+    (
+        "non-UTF-8 bytes",
+        STUDY2,
+        (S2_HEADER + S2_ROW).encode() + b'b,"caf\xe9 au lait",both,2\n',
+        ["row 2", "line 3", "'Scenario'", "expected UTF-8 text", "0xe9"],
+    ),
+    (
+        "too few fields",
+        STUDY2,
+        (S2_HEADER + S2_ROW + "b,text,both\n").encode(),
+        ["row 2", "expected 4 fields as in the header; found 3"],
+    ),
+    (
+        "study 1 access out of range",
+        STUDY1,
+        b"story_setup,priorQ,speech,speechQ,access\nsetup,prior?,speech,now?,7\n",
+        ["row 1", "'access'", "expected a whole number from 1 to 3; got 7"],
+    ),
+    (
+        "duplicate column name",
+        STUDY1,
+        b"story_setup,priorQ,speech,speech,speechQ\na,b,c,d,e\n",
+        ["header", "'speech'", "appears twice"],
+    ),
+]
+
+
+@pytest.mark.parametrize("study,content,fragments", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_file_row_column_and_expectation(tmp_path, study, content, fragments):
+    path = tmp_path / f"{study.name}.csv"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        study.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_every_problem_is_listed_not_only_the_first(tmp_path):
+    path = tmp_path / "study2.csv"
+    path.write_text(S2_HEADER + 'a,"x",kind,1\nb,"",both,9\n')
+    with pytest.raises(InputError) as info:
+        STUDY2.load(path)
+    assert [(p.row, p.column) for p in info.value.problems] == [(1, "Goal"), (2, "Scenario"), (2, "State")]
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(InputError, match="(?s)nope.csv: 1 problem.*the file does not exist"):
+        STUDY1.load(tmp_path / "nope.csv")
+
+
+def test_generators_are_deterministic():
+    assert study1_rows() == study1_rows()
+    assert study2_rows() == study2_rows()
