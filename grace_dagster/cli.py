@@ -56,6 +56,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from grace_dagster.serving.server import serve
+
+    serve(args.model, host=args.host, port=args.port, ready_file=args.ready_file, parent_pid=args.parent_pid)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--registry", help="registry file (default: the packaged models.yaml)")
     models.set_defaults(func=cmd_models)
+
+    serve = sub.add_parser("serve", help="serve a registry model with the embedded OpenAI-compatible server")
+    serve.add_argument("model", help="registry slug, e.g. smollm2-135m")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8011, help="0 lets the OS choose a free port")
+    serve.add_argument("--ready-file", type=Path, help="write {host, port, pid} here once serving")
+    serve.add_argument("--parent-pid", type=int, help="exit when this process is gone (used by the resource)")
+    serve.set_defaults(func=cmd_serve)
 
     from grace_dagster.k8s.commands import register as register_k8s
 

@@ -1,0 +1,87 @@
+"""Exact option scoring: the model's probability of every allowed answer, from prompt log-probabilities.
+
+For each option the log-probability of the whole option continuation given the context, summed over its tokens,
+with the canonical tokenization of context + option. All options of a trial go in one request (the server shares
+the context's evaluation). Never top-k first-token logprobs: "1" is the first token of "10%" and "100%".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from grace_dagster.llm.client import LLMClient, LLMError
+from grace_dagster.llm.protocol import MIN_LOGPROB, CompletionChoice
+
+
+class ScoringError(LLMError):
+    """An option's token span could not be aligned with its text: the score would be wrong, so none is given."""
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    options: list[str]
+    logprobs: list[float]  # summed over each option's tokens; -inf where the server reported -9999
+    n_tokens: list[int]
+    captured_mass: float  # Σ exp(logprob): how much of the model's probability the option set holds
+    probabilities: list[float]  # renormalized over the options
+
+    @classmethod
+    def from_logprobs(cls, options: list[str], logprobs: list[float], n_tokens: list[int]) -> OptionScores:
+        finite = [lp for lp in logprobs if lp != -math.inf]
+        if not finite:
+            nan = [math.nan] * len(options)
+            return cls(options, logprobs, n_tokens, 0.0, nan)
+        peak = max(finite)
+        weights = [math.exp(lp - peak) if lp != -math.inf else 0.0 for lp in logprobs]
+        total = sum(weights)
+        return cls(
+            options=options,
+            logprobs=logprobs,
+            n_tokens=n_tokens,
+            captured_mass=math.exp(peak) * total,
+            probabilities=[w / total for w in weights],
+        )
+
+
+def _positions(choice: CompletionChoice) -> list[tuple[int, float, str]]:
+    """(token id, logprob, decoded text) for prompt positions 1.. (position 0 has no logprob)."""
+    if choice.prompt_logprobs is None:
+        raise ScoringError("the server returned no prompt_logprobs; it must support vLLM's prompt_logprobs field")
+    out = []
+    for entry in choice.prompt_logprobs[1:]:
+        # With prompt_logprobs=0 each position holds exactly the prompt token.
+        ((token, logprob),) = entry.items()
+        out.append((int(token), logprob.logprob, logprob.decoded_token or ""))
+    return out
+
+
+async def score_options(client: LLMClient, context: str, options: list[str], add_special_tokens: bool) -> OptionScores:
+    """Score `options` as continuations of `context` in one request.
+
+    `add_special_tokens` is True for plain-text prompts of base models (the tokenizer adds BOS if the model wants
+    one) and False for chat-rendered text, which already holds its special tokens (else vLLM adds a second BOS).
+    """
+    prompts = [context] + [context + option for option in options]
+    response = await client.complete(
+        prompts, max_tokens=1, temperature=0.0, prompt_logprobs=0, add_special_tokens=add_special_tokens
+    )
+    choices = sorted(response.choices, key=lambda c: c.index)
+    context_positions = _positions(choices[0])
+    n_context = len(context_positions) + 1
+    logprobs, n_tokens = [], []
+    for option, choice in zip(options, choices[1:], strict=True):
+        positions = _positions(choice)
+        if [p[0] for p in positions[: n_context - 1]] != [p[0] for p in context_positions]:
+            raise ScoringError(
+                f"option {option!r} changes the tokenization of the context: the option must start at a token "
+                "boundary (start it with a space or end the context with a separator)"
+            )
+        span = positions[n_context - 1 :]
+        decoded = "".join(p[2] for p in span)
+        if not span or decoded != option:
+            raise ScoringError(f"option {option!r}: its token span decodes to {decoded!r}; scores would be misaligned")
+        total = sum(p[1] for p in span)
+        logprobs.append(-math.inf if any(p[1] <= MIN_LOGPROB for p in span) else total)
+        n_tokens.append(len(span))
+    return OptionScores.from_logprobs(options, logprobs, n_tokens)

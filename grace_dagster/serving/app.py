@@ -1,0 +1,308 @@
+"""The embedded server's HTTP API: the subset of vLLM's OpenAI-compatible API that the pipeline uses.
+
+Routes are thin: validate (pydantic, 400 on any problem), run the engine in a worker thread (one request at a time;
+llama.cpp contexts are not thread-safe), and shape the answer with the wire models of `grace_dagster.llm.protocol`.
+"""
+
+import threading
+
+import jsonschema
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from grace_dagster.llm.protocol import (
+    MIN_LOGPROB,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatRequest,
+    ChatResponse,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptLogprob,
+    ResponseFormat,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
+from grace_dagster.serving.engine import Engine, EngineError, PositionLogprobs, Result, Sampling
+from grace_dagster.serving.metrics import Metrics
+
+DEFAULT_COMPLETION_TOKENS = 16
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError"):
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def create_app(engine: Engine, served_name: str, version: str = "grace-embedded") -> FastAPI:
+    app = FastAPI(title=f"Grace embedded server: {served_name}", version=version)
+    metrics = Metrics()
+    # One engine call at a time; FastAPI keeps answering /health while a long request runs in its thread.
+    engine_lock = threading.Lock()
+
+    async def in_engine(fn, *args):
+        def locked():
+            with engine_lock:
+                return fn(*args)
+
+        try:
+            return await run_in_threadpool(locked)
+        except EngineError as e:
+            raise ApiError(400, str(e)) from None
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != served_name:
+            raise ApiError(
+                404, f"The model `{name}` does not exist; this server serves `{served_name}`.", "NotFoundError"
+            )
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.url.path
+        metrics.inc("grace_server_requests_total", route=route, code=str(response.status_code))
+        if response.status_code >= 400:
+            metrics.inc("grace_server_errors_total", route=route, code=str(response.status_code))
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError):
+        return _error(e.status, e.message, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        return _error(400, f"invalid request: {problems}", "BadRequestError")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), "HTTPError")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError")
+
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=served_name, max_model_len=engine.n_ctx)])
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(
+            metrics.render({"grace_server_tokens_evaluated_total": engine.tokens_evaluated}),
+            media_type="text/plain; version=0.0.4",
+        )
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of `prompt` or `messages`")
+
+        def work():
+            if req.messages is not None:
+                text = engine.render_chat([m.model_dump() for m in req.messages], req.add_generation_prompt)
+                # The rendered template already holds the special tokens it needs (vLLM does the same).
+                return engine.tokenize(text, add_special=False)
+            return engine.tokenize(req.prompt, add_special=req.add_special_tokens)
+
+        tokens = await in_engine(work)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.n_ctx)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(req.model)
+        return DetokenizeResponse(prompt=await in_engine(engine.detokenize, req.tokens))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> CompletionResponse:
+        check_model(req.model)
+        prompt = req.prompt
+        texts: list[str | None]
+        if isinstance(prompt, str):
+            texts = [prompt]
+        elif isinstance(prompt[0], str):
+            texts = list(prompt)
+        elif isinstance(prompt[0], int):
+            texts, prompt = [None], [prompt]
+        else:
+            texts = [None] * len(prompt)
+        want_prompt_logprobs = (req.echo and req.logprobs is not None) or req.prompt_logprobs is not None
+        top_k = max(req.logprobs or 0, req.prompt_logprobs or 0) or None
+        sampling = Sampling(
+            max_tokens=DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens,
+            grammar=_grammar(req.response_format),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stop_list,
+            logprobs=req.logprobs,
+        )
+
+        def work():
+            ids = [engine.tokenize(t, req.add_special_tokens) if t is not None else p for t, p in zip(texts, prompt)]
+            results = engine.run(ids, want_prompt_logprobs, top_k, sampling)
+            return [_completion_choice(engine, i, text, r, req) for i, (text, r) in enumerate(zip(texts, results))]
+
+        choices = await in_engine(work)
+        prompt_tokens = sum(len(c[1].prompt_ids) for c in choices)
+        completion_tokens = sum(len(c[1].output_ids) for c in choices)
+        metrics.inc("grace_server_prompt_tokens_total", prompt_tokens)
+        metrics.inc("grace_server_generation_tokens_total", completion_tokens)
+        return CompletionResponse(
+            model=served_name,
+            choices=[c[0] for c in choices],
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> ChatResponse:
+        check_model(req.model)
+        grammar = _grammar(req.response_format)
+
+        def work():
+            text = engine.render_chat([m.model_dump() for m in req.messages], req.add_generation_prompt)
+            ids = engine.tokenize(text, add_special=False)
+            max_tokens = req.max_tokens if req.max_tokens is not None else engine.n_ctx - len(ids)
+            sampling = Sampling(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop=req.stop_list,
+                grammar=grammar,
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            )
+            return engine.run([ids], False, None, sampling)[0]
+
+        result = await in_engine(work)
+        metrics.inc("grace_server_prompt_tokens_total", len(result.prompt_ids))
+        metrics.inc("grace_server_generation_tokens_total", len(result.output_ids))
+        logprobs = None
+        if req.logprobs:
+            logprobs = ChatChoiceLogprobs(
+                content=[
+                    ChatTokenLogprob(
+                        token=engine.token_text(t),
+                        logprob=_clamp(p.logprob),
+                        top_logprobs=[{"token": engine.token_text(k), "logprob": _clamp(v)} for k, v in p.top],
+                    )
+                    for t, p in zip(result.output_ids, result.output_logprobs)
+                ]
+            )
+        n_prompt, n_out = len(result.prompt_ids), len(result.output_ids)
+        return ChatResponse(
+            model=served_name,
+            choices=[
+                ChatChoice(
+                    index=0,
+                    message=ChatResponseMessage(content=result.output_text),
+                    logprobs=logprobs,
+                    finish_reason=result.finish_reason,
+                )
+            ],
+            usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
+        )
+
+    return app
+
+
+def _grammar(response_format: ResponseFormat | None) -> str | None:
+    """The llama.cpp grammar that enforces `response_format`; None for free text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return Engine.grammar_from_json_schema({"type": "object"})
+    if response_format.json_schema is None:
+        raise ApiError(400, "response_format type json_schema needs a `json_schema` with a `schema`")
+    schema = response_format.json_schema.schema_
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ApiError(400, f"invalid json_schema: {e.message}") from None
+    return Engine.grammar_from_json_schema(schema)
+
+
+def _top_dict(engine: Engine, token: int, position: PositionLogprobs) -> dict[str, float]:
+    top = {engine.token_text(k): _clamp(v) for k, v in position.top}
+    top[engine.token_text(token)] = _clamp(position.logprob)
+    return top
+
+
+def _completion_choice(
+    engine: Engine, index: int, text: str | None, result: Result, req: CompletionRequest
+) -> tuple[CompletionChoice, Result]:
+    prompt_text = text if text is not None else engine.detokenize(result.prompt_ids)
+    logprobs = None
+    if req.logprobs is not None:
+        tokens: list[int] = []
+        positions: list[PositionLogprobs | None] = []
+        if req.echo:
+            tokens += result.prompt_ids
+            positions += result.prompt_logprobs
+        tokens += result.output_ids
+        positions += result.output_logprobs[: len(result.output_ids)]
+        strings = [engine.token_text(t) for t in tokens]
+        offsets, offset = [], 0
+        for s in strings:
+            offsets.append(offset)
+            offset += len(s)
+        logprobs = CompletionLogprobs(
+            tokens=strings,
+            token_logprobs=[None if p is None else _clamp(p.logprob) for p in positions],
+            top_logprobs=[None if p is None else _top_dict(engine, t, p) for t, p in zip(tokens, positions)],
+            text_offset=offsets,
+        )
+    prompt_logprobs = None
+    if req.prompt_logprobs is not None:
+        prompt_logprobs = [None]
+        for token, p in zip(result.prompt_ids[1:], result.prompt_logprobs[1:]):
+            entry = {
+                str(k): PromptLogprob(logprob=_clamp(v), rank=r + 1, decoded_token=engine.token_text(k))
+                for r, (k, v) in enumerate(p.top[: req.prompt_logprobs])
+            }
+            entry[str(token)] = PromptLogprob(
+                logprob=_clamp(p.logprob), rank=p.rank, decoded_token=engine.token_text(token)
+            )
+            prompt_logprobs.append(entry)
+    choice = CompletionChoice(
+        index=index,
+        text=(prompt_text if req.echo else "") + result.output_text,
+        logprobs=logprobs,
+        finish_reason=result.finish_reason,
+        prompt_logprobs=prompt_logprobs,
+    )
+    return choice, result

@@ -1,0 +1,123 @@
+"""Run the embedded server as a child process: start, wait until healthy, stop. No Dagster here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class EmbeddedServer:
+    """One `grace serve` child process on 127.0.0.1."""
+
+    def __init__(
+        self,
+        slug: str,
+        port: int = 0,
+        startup_timeout: float = 180.0,
+        log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.slug = slug
+        self.env = env
+        self.requested_port = port
+        self.startup_timeout = startup_timeout
+        self.log_dir = Path(log_dir or tempfile.gettempdir())
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise ServerStartError(f"server for {self.slug} is not running")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"grace-serve-{self.slug}-{os.getpid()}.log"
+
+    def start(self) -> EmbeddedServer:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        ready = Path(tempfile.mkdtemp(prefix="grace-serve-")) / "ready.json"
+        command = [
+            sys.executable,
+            "-m",
+            "grace_dagster.cli",
+            "serve",
+            self.slug,
+            "--port",
+            str(self.requested_port),
+            "--ready-file",
+            str(ready),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self.env or {})},
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"embedded server for {self.slug} exited with code {self.process.returncode} while starting; "
+                    f"its log: {self.log_path}\n{self._log_tail()}"
+                )
+            if ready.exists():
+                self.port = json.loads(ready.read_text())["port"]
+                if self.healthy():
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise ServerStartError(
+            f"embedded server for {self.slug} was not healthy within {self.startup_timeout:.0f}s; "
+            f"its log: {self.log_path}"
+        )
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        """Kill without a chance to clean up (tests use this to simulate a crash)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,312 @@
+"""The embedded server against real models over HTTP: prompt logprobs equal llama.cpp's own logits, json_schema
+output validates, malformed requests get 4xx, and the server survives them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+from llama_cpp import Llama
+
+from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
+from grace_dagster.serving.process import EmbeddedServer
+from grace_dagster.serving.weights import gguf_path
+from tests.chat_templates import GEMMA_TURNS
+from tests.conftest import LOCAL_MODELS, SERVED_NAMES
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Imagine that Ben baked a loaf of bread but was not sure how good it was.",
+    "It wasn't bad.",
+    'Nora calls you and says: "I have looked at 2 of the 3 jars. One of the jars has grown mold."',
+    "How many of the 3 jars do you think have grown mold? Answer: 2",
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "Q: Does Omar know exactly how many bulbs have bloomed?\nA: yes",
+    "<|im_start|>user\nHow was my poem?<|im_end|>\n<|im_start|>assistant\nIt was amazing",
+    "10%, 20%, 30%, 40%, 50%, 60%, 70%, 80%, 90%, 100%",
+    "Ünïcödé and emoji 🎉 survive tokenization.",
+    "a",
+    "Here's how Ava actually felt about the scarf, on a scale of 0 to 3 hearts: 2 hearts.",
+    "   leading spaces and\ttabs\n\nand blank lines",
+]
+
+
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64)
+    peak = row.max()
+    return row - (peak + np.log(np.exp(row - peak).sum()))
+
+
+@pytest.fixture(scope="module", params=LOCAL_MODELS)
+def model_and_reference(request, servers):
+    """The server and an in-process llama.cpp with every logits row kept (`logits_all`), configured alike."""
+    slug = request.param
+    model = load_registry().get(slug)
+    reference = Llama(
+        model_path=str(gguf_path(model)),
+        n_ctx=model.serving.context_length,
+        n_batch=512,
+        n_ubatch=512,
+        logits_all=True,
+        verbose=False,
+    )
+    yield slug, servers(slug), reference
+    reference.close()
+
+
+def _reference_logprobs(reference: Llama, tokens: list[int]) -> list[float]:
+    reference.reset()
+    reference._ctx.kv_cache_clear()
+    reference.eval(tokens)
+    scores = reference.scores[: len(tokens)]
+    return [float(_log_softmax(scores[i - 1])[tokens[i]]) for i in range(1, len(tokens))]
+
+
+def test_prompt_logprobs_equal_llama_cpp_logits(model_and_reference):
+    slug, server, reference = model_and_reference
+    worst = 0.0
+    for prompt in PROMPTS:
+        body = httpx.post(
+            f"{server.base_url}/v1/completions",
+            json={
+                "model": SERVED_NAMES[slug],
+                "prompt": prompt,
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": 0,
+                "prompt_logprobs": 0,
+            },
+            timeout=120,
+        ).json()
+        choice = body["choices"][0]
+        prompt_positions = choice["prompt_logprobs"]
+        assert prompt_positions[0] is None, "the first prompt position has no logprob, as in vLLM"
+        tokens = reference.tokenize(prompt.encode(), add_bos=True, special=True)
+        assert [int(next(iter(p))) for p in prompt_positions[1:]] == tokens[1:]
+        expected = _reference_logprobs(reference, tokens)
+        served = [next(iter(p.values()))["logprob"] for p in prompt_positions[1:]]
+        echo = choice["logprobs"]["token_logprobs"][1 : len(tokens)]
+        assert choice["logprobs"]["token_logprobs"][0] is None
+        np.testing.assert_allclose(served, expected, atol=1e-4, err_msg=f"{slug}: {prompt!r}")
+        np.testing.assert_allclose(echo, expected, atol=1e-4)
+        worst = max(worst, float(np.max(np.abs(np.array(served) - np.array(expected)))) if expected else 0.0)
+    print(f"\n{slug}: max |served - llama.cpp| over {len(PROMPTS)} prompts = {worst:.2e} nats")
+
+
+def test_shared_prefix_prompts_score_like_separate_requests(model_and_reference):
+    """Options sent together share the context's evaluation; the engine's split noise is measured and bounded."""
+    slug, server, reference = model_and_reference
+    context = PROMPTS[0] + ' Ben asked Ava: "How was my bread?" Ava said:'
+    options = [f" It {neg} {word}." for neg in ("was", "wasn't") for word in ("terrible", "bad", "good", "amazing")]
+    prompts = [context + o for o in options]
+    body = httpx.post(
+        f"{server.base_url}/v1/completions",
+        json={"model": SERVED_NAMES[slug], "prompt": prompts, "max_tokens": 1, "prompt_logprobs": 0},
+        timeout=120,
+    ).json()
+    worst = 0.0
+    for prompt, choice in zip(prompts, sorted(body["choices"], key=lambda c: c["index"])):
+        tokens = reference.tokenize(prompt.encode(), add_bos=True, special=True)
+        served = [next(iter(p.values()))["logprob"] for p in choice["prompt_logprobs"][1:]]
+        expected = _reference_logprobs(reference, tokens)
+        worst = max(worst, float(np.max(np.abs(np.array(served) - np.array(expected)))))
+    print(f"\n{slug}: shared-prefix vs one-shot evaluation, max per-token difference {worst:.2e} nats")
+    assert worst < 0.1, "beyond the engine's batch-split noise (DESIGN section 6): a misaligned score?"
+
+
+EXTRACTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "negation": {"enum": ["was", "wasn't"]},
+        "assessment": {"enum": ["terrible", "bad", "good", "amazing"]},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["negation", "assessment", "confidence"],
+    "additionalProperties": False,
+}
+ANSWERS = [
+    "It wasn't bad at all.",
+    "Honestly, it was terrible.",
+    "I'd say it was good.",
+    "It was amazing!",
+    "It wasn't amazing, sorry.",
+    "Well... it wasn't good.",
+    "It was bad, to be honest.",
+    "It wasn't terrible.",
+    "Amazing work, it was amazing.",
+    "Not good, it wasn't.",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma_with_chat_template(tmp_path_factory):
+    """Gemma 3 270M with a chat template named in the registry (its GGUF has none)."""
+    raw = yaml.safe_load(DEFAULT_REGISTRY_PATH.read_text())
+    entry = next(m for m in raw["models"] if m["slug"] == "gemma3-270m")
+    entry["serving"]["chat_template"] = GEMMA_TURNS
+    path = tmp_path_factory.mktemp("registry") / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with EmbeddedServer("gemma3-270m", env={"GRACE_REGISTRY": str(path)}) as server:
+        yield server
+
+
+@pytest.mark.parametrize("slug", LOCAL_MODELS)
+def test_json_schema_chat_output_validates_20_of_20(slug, servers, gemma_with_chat_template):
+    server = gemma_with_chat_template if slug == "gemma3-270m" else servers(slug)
+    valid = 0
+    for i in range(20):
+        answer = ANSWERS[i % len(ANSWERS)]
+        response = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            json={
+                "model": SERVED_NAMES[slug],
+                "messages": [{"role": "user", "content": f"Extract the utterance from this answer as JSON: {answer}"}],
+                "max_tokens": 120,
+                "temperature": 0.7,
+                "seed": i,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": EXTRACTION_SCHEMA}},
+            },
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", f"truncated: {choice['message']['content']!r}"
+        jsonschema.validate(json.loads(choice["message"]["content"]), EXTRACTION_SCHEMA)
+        valid += 1
+    assert valid == 20
+
+
+def test_chat_on_base_model_without_template_says_so(servers):
+    server = servers("gemma3-270m")
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json={"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.status_code == 400
+    assert "no chat template" in response.json()["error"]["message"]
+
+
+MALFORMED = [
+    ("unknown model", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+    ("missing prompt", {"model": "SmolLM2-135M-Instruct"}, 400, "prompt"),
+    ("missing model", {"prompt": "hi"}, 400, "model"),
+    ("negative max_tokens", {"model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    (
+        "prompt longer than the context",
+        {"model": "SmolLM2-135M-Instruct", "prompt": "word " * 9000, "max_tokens": 1},
+        400,
+        "maximum context length is 8192",
+    ),
+    (
+        "token id outside the vocabulary",
+        {"model": "SmolLM2-135M-Instruct", "prompt": [1, 2, 10**9]},
+        400,
+        "outside the vocabulary",
+    ),
+    ("empty prompt list", {"model": "SmolLM2-135M-Instruct", "prompt": []}, 400, "empty"),
+    (
+        "temperature out of range",
+        {"model": "SmolLM2-135M-Instruct", "prompt": "a", "temperature": 9},
+        400,
+        "temperature",
+    ),
+    ("logprobs above 20", {"model": "SmolLM2-135M-Instruct", "prompt": "a", "logprobs": 50}, 400, "logprobs"),
+]
+MALFORMED_CHAT = [
+    (
+        "invalid json_schema",
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "banana"}}},
+        },
+        400,
+        "invalid json_schema",
+    ),
+    (
+        "json_schema without a schema",
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema"},
+        },
+        400,
+        "needs a `json_schema`",
+    ),
+    ("unknown role", {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("no messages", {"model": "SmolLM2-135M-Instruct", "messages": []}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize(
+    "path,body,status,fragment",
+    [("/v1/completions", *case[1:]) for case in MALFORMED] + [("/v1/chat/completions", *c[1:]) for c in MALFORMED_CHAT],
+    ids=[c[0] for c in MALFORMED] + [c[0] for c in MALFORMED_CHAT],
+)
+def test_malformed_request_gets_4xx_with_message(servers, path, body, status, fragment):
+    server = servers("smollm2-135m")
+    response = httpx.post(f"{server.base_url}{path}", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert server.healthy() and server.process.poll() is None
+
+
+def test_bad_json_body_gets_400_and_server_keeps_serving(servers):
+    server = servers("smollm2-135m")
+    response = httpx.post(
+        f"{server.base_url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "invalid request" in response.json()["error"]["message"]
+    ok = httpx.post(
+        f"{server.base_url}/v1/completions",
+        json={"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 2},
+        timeout=60,
+    )
+    assert ok.status_code == 200
+
+
+def test_models_tokenize_detokenize_metrics(servers):
+    server = servers("smollm2-135m")
+    models = httpx.get(f"{server.base_url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "It wasn't bad."}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    text = httpx.post(f"{server.base_url}/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == "It wasn't bad."
+    chat = httpx.post(f"{server.base_url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    rendered = httpx.post(f"{server.base_url}/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert 'grace_server_requests_total{code="200",route="/tokenize"}' in metrics
+    assert "grace_server_tokens_evaluated_total" in metrics
+
+
+def test_generation_respects_stop_and_max_tokens(servers):
+    server = servers("smollm2-135m")
+    base = {"model": "SmolLM2-135M-Instruct", "prompt": "Count: 1, 2, 3, 4, 5,", "temperature": 0}
+    limited = httpx.post(f"{server.base_url}/v1/completions", json={**base, "max_tokens": 3}, timeout=60).json()
+    assert limited["choices"][0]["finish_reason"] == "length"
+    assert limited["usage"]["completion_tokens"] == 3
+    stopped = httpx.post(
+        f"{server.base_url}/v1/completions", json={**base, "max_tokens": 30, "stop": ["8"]}, timeout=60
+    ).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert "8" not in stopped["choices"][0]["text"]
+    same_seed = [
+        httpx.post(
+            f"{server.base_url}/v1/completions",
+            json={**base, "temperature": 0.9, "seed": 7, "max_tokens": 8},
+            timeout=60,
+        ).json()["choices"][0]["text"]
+        for _ in range(2)
+    ]
+    assert same_seed[0] == same_seed[1], "a seed makes sampling reproducible"
+    assert not math.isnan(limited["usage"]["total_tokens"])
