@@ -23,7 +23,7 @@ home:
 run: install home
 	$(BIN)/grace run $(ARGS)
 
-test: install
+test: install home
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -65,10 +66,11 @@ def test_bad_input_fails_before_writing_and_keeps_the_good_output(tmp_path):
     assert not [p for p in output.parent.iterdir() if p.name.endswith(".tmp")], "no temporary file left behind"
 
 
-def test_definitions_validate_from_the_workspace():
+def test_definitions_validate_from_the_workspace(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
         cwd=REPO,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
