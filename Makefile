@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: run test install home lint samples
+.PHONY: run test install home lint samples ui
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ run: install home
 
 test: install home
 	$(BIN)/python -m pytest $(ARGS)
+
+# The Dagster UI on http://127.0.0.1:3000, reading the same instance as `make run`.
+ui: install home
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 lint: install
 	$(BIN)/ruff check grace_dagster tests benchmarks

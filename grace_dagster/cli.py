@@ -16,31 +16,20 @@ def _dagster_home() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance, materialize
+    from dagster import DagsterInstance
 
-    from grace_dagster.assets import study_trials
-    from grace_dagster.resources.defaults import default_resources
+    from grace_dagster.registry import load_registry
+    from grace_dagster.runner import QUICK_TRIALS, print_summary, run_pipeline
     from grace_dagster.studies import STUDIES
 
     _dagster_home()
-    instance = DagsterInstance.get()
-    resources = default_resources()
-    ok = True
-    for name in args.studies or list(STUDIES):
-        result = materialize(
-            [study_trials], partition_key=name, resources=resources, instance=instance, raise_on_error=False
-        )
-        if not result.success:
-            ok = False
-            print(f"{name}: FAILED", file=sys.stderr)
-            for event in result.all_events:
-                if event.is_step_failure and event.step_failure_data.error:
-                    print(event.step_failure_data.error.message, file=sys.stderr)
-            continue
-        meta = result.asset_materializations_for_node("study_trials")[0].metadata
-        print(f"{name}: {meta['rows'].value} trials validated from {meta['source'].value}")
-        print(f"  written to {meta['path'].value}")
-    return 0 if ok else 1
+    models = args.models or [m.slug for m in load_registry().participants(backend="embedded")]
+    trial_limit = None if args.full else (args.trials or QUICK_TRIALS)
+    profile = "full size" if trial_limit is None else f"quick profile: first {trial_limit} trials per study"
+    print(f"grace run: {', '.join(models)} on {', '.join(args.studies or STUDIES)} ({profile})", file=sys.stderr)
+    reports = run_pipeline(DagsterInstance.get(), models, args.studies or list(STUDIES), args.experiments, trial_limit)
+    print_summary(reports)
+    return 0 if all(r.success and not r.blocking_failures for r in reports) else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -68,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="materialize the pipeline on the embedded default and print a summary")
+    run.add_argument("--models", nargs="*", help="registry slugs (default: the embedded local models)")
     run.add_argument("--studies", nargs="*", help="studies to run (default: all)")
+    run.add_argument("--experiments", nargs="*", default=["exp1", "exp2"], choices=["exp1", "exp2"])
+    run.add_argument("--trials", type=int, help="trials per study in the quick profile (default: 12)")
+    run.add_argument("--full", action="store_true", help="run every trial (300 and 2,424), not the quick profile")
     run.set_defaults(func=cmd_run)
 
     models = sub.add_parser("models", help="list the model registry")

@@ -14,6 +14,7 @@ import yaml
 from llama_cpp import Llama
 
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
+from grace_dagster.serving.engine import N_UBATCH
 from grace_dagster.serving.process import EmbeddedServer
 from grace_dagster.serving.weights import gguf_path
 from tests.chat_templates import GEMMA_TURNS
@@ -52,7 +53,7 @@ def model_and_reference(request, servers):
         model_path=str(gguf_path(model)),
         n_ctx=model.serving.context_length,
         n_batch=512,
-        n_ubatch=512,
+        n_ubatch=N_UBATCH,
         logits_all=True,
         verbose=False,
     )
@@ -100,8 +101,9 @@ def test_prompt_logprobs_equal_llama_cpp_logits(model_and_reference):
     print(f"\n{slug}: max |served - llama.cpp| over {len(PROMPTS)} prompts = {worst:.2e} nats")
 
 
-def test_shared_prefix_prompts_score_like_separate_requests(model_and_reference):
-    """Options sent together share the context's evaluation; the engine's split noise is measured and bounded."""
+def test_shared_prefix_prompts_score_exactly_like_separate_evaluations(model_and_reference):
+    """Options sent together share the context's evaluation, cut at a ubatch boundary, so each option's score is
+    the one a lone full-context evaluation gives (no batch-split noise)."""
     slug, server, reference = model_and_reference
     context = PROMPTS[0] + ' Ben asked Ava: "How was my bread?" Ava said:'
     options = [f" It {neg} {word}." for neg in ("was", "wasn't") for word in ("terrible", "bad", "good", "amazing")]
@@ -118,7 +120,7 @@ def test_shared_prefix_prompts_score_like_separate_requests(model_and_reference)
         expected = _reference_logprobs(reference, tokens)
         worst = max(worst, float(np.max(np.abs(np.array(served) - np.array(expected)))))
     print(f"\n{slug}: shared-prefix vs one-shot evaluation, max per-token difference {worst:.2e} nats")
-    assert worst < 0.1, "beyond the engine's batch-split noise (DESIGN section 6): a misaligned score?"
+    assert worst < 1e-6
 
 
 EXTRACTION_SCHEMA = {

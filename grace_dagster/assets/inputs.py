@@ -23,7 +23,7 @@ def study_trials(context: AssetExecutionContext, storage: Storage) -> Materializ
     source = storage.input_path(study)
     table = study.load(source)
     (written,) = storage.write_table(table, storage.trials_path(study))
-    derived = [c for c in study.factor_columns if table[c].notna().any()]
+    derived = [c for c in study.factor_columns if c in table and table[c].notna().any()]
     context.log.info(f"{study.name}: {len(table)} trials validated from {source}, written to {written}")
     return MaterializeResult(
         metadata={

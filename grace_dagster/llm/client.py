@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from grace_dagster.llm.protocol import (
     DetokenizeResponse,
     ModelList,
     TokenizeResponse,
+    VersionResponse,
 )
 
 T = TypeVar("T", bound=BaseModel)
@@ -52,6 +54,9 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_backoff, self.initial_backoff * 2**attempt))
 
 
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
 @dataclass
 class ClientStats:
     requests: int = 0  # logical requests (each counted once, however often it was retried)
@@ -59,6 +64,12 @@ class ClientStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    by_path: Counter = field(default_factory=Counter)
+
+    @property
+    def model_requests(self) -> int:
+        """Requests that ran the model (completions and chat), as opposed to tokenize, version and the like."""
+        return sum(self.by_path[path] for path in GENERATION_PATHS)
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -113,6 +124,7 @@ class LLMClient:
 
     async def _send(self, method: str, path: str, payload: dict | None, response_model: type[T]) -> T:
         self.stats.requests += 1
+        self.stats.by_path[path] += 1
         last_problem = ""
         async with self._semaphore:
             for attempt in range(self.retry.attempts):
@@ -163,6 +175,10 @@ class LLMClient:
 
     async def detokenize(self, tokens: list[int]) -> DetokenizeResponse:
         return await self._send("POST", "/detokenize", {"model": self.model, "tokens": tokens}, DetokenizeResponse)
+
+    async def version(self) -> str:
+        """The server's version (vLLM and the embedded server both answer GET /version)."""
+        return (await self._send("GET", "/version", None, VersionResponse)).version
 
     async def models(self) -> ModelList:
         return await self._send("GET", "/v1/models", None, ModelList)

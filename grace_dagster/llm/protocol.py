@@ -187,6 +187,10 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class VersionResponse(BaseModel):
+    version: str
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

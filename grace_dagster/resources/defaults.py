@@ -1,9 +1,9 @@
 """The resources every entry point (UI, CLI, tests) starts from, configured from the environment."""
 
-from __future__ import annotations
-
 import os
 
+from grace_dagster.resources.endpoints import LLMEndpoints
+from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.resources.storage import Storage
 
 
@@ -13,4 +13,6 @@ def default_resources() -> dict[str, object]:
             data_dir=os.environ.get("GRACE_DATA_DIR", "data"),
             input_dir=os.environ.get("GRACE_INPUT_DIR") or None,
         ),
+        "llm": LLMEndpoints(),
+        "settings": ExperimentSettings(),
     }

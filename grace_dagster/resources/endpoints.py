@@ -40,6 +40,10 @@ class LLMEndpoints(ConfigurableResource):
     max_concurrency: int = Field(default=4, description="concurrent requests per endpoint")
     startup_timeout: float = Field(default=180.0, description="seconds to wait for a server to become healthy")
     log_dir: str | None = Field(default=None, description="where embedded servers write their logs")
+    base_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="slug -> base URL of a server you run yourself (e.g. `grace serve`); used instead of starting one",
+    )
 
     _servers: dict[str, EmbeddedServer] = PrivateAttr(default_factory=dict)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -50,6 +54,8 @@ class LLMEndpoints(ConfigurableResource):
     def endpoint(self, slug: str) -> Endpoint:
         model = self.registry().get(slug)
         serving = model.serving
+        if slug in self.base_urls:
+            return Endpoint(model, self.base_urls[slug])
         if isinstance(serving, ExternalServing):
             key = os.environ.get(serving.api_key_env)
             if not key:
@@ -75,7 +81,9 @@ class LLMEndpoints(ConfigurableResource):
 
     def client(self, slug: str, **kwargs) -> LLMClient:
         """A client bound to the model's served name; use it as an async context manager."""
-        endpoint = self.endpoint(slug)
+        return self.client_for(self.endpoint(slug), **kwargs)
+
+    def client_for(self, endpoint: Endpoint, **kwargs) -> LLMClient:
         kwargs.setdefault("max_concurrency", self.max_concurrency)
         return LLMClient(endpoint.base_url, endpoint.model.served_name, api_key=endpoint.api_key, **kwargs)
 

@@ -4,8 +4,6 @@ Routes are thin: validate (pydantic, 400 on any problem), run the engine in a wo
 llama.cpp contexts are not thread-safe), and shape the answer with the wire models of `grace_dagster.llm.protocol`.
 """
 
-import threading
-
 import jsonschema
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +34,7 @@ from grace_dagster.llm.protocol import (
     TokenizeRequest,
     TokenizeResponse,
     Usage,
+    VersionResponse,
 )
 from grace_dagster.serving.engine import Engine, EngineError, PositionLogprobs, Result, Sampling
 from grace_dagster.serving.metrics import Metrics
@@ -60,12 +59,11 @@ def _clamp(logprob: float) -> float:
 def create_app(engine: Engine, served_name: str, version: str = "grace-embedded") -> FastAPI:
     app = FastAPI(title=f"Grace embedded server: {served_name}", version=version)
     metrics = Metrics()
-    # One engine call at a time; FastAPI keeps answering /health while a long request runs in its thread.
-    engine_lock = threading.Lock()
 
     async def in_engine(fn, *args):
+        # One engine call at a time; FastAPI keeps answering /health while a long request runs in its thread.
         def locked():
-            with engine_lock:
+            with engine.lock:
                 return fn(*args)
 
         try:
@@ -110,6 +108,10 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
     @app.get("/health")
     async def health():
         return PlainTextResponse("ok")
+
+    @app.get("/version")
+    async def server_version() -> VersionResponse:
+        return VersionResponse(version=version)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -251,9 +253,11 @@ def _grammar(response_format: ResponseFormat | None) -> str | None:
     schema = response_format.json_schema.schema_
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
+        return Engine.grammar_from_json_schema(schema)
     except jsonschema.SchemaError as e:
         raise ApiError(400, f"invalid json_schema: {e.message}") from None
-    return Engine.grammar_from_json_schema(schema)
+    except EngineError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _top_dict(engine: Engine, token: int, position: PositionLogprobs) -> dict[str, float]:

@@ -36,6 +36,7 @@ class EmbeddedServer:
         self.log_dir = Path(log_dir or tempfile.gettempdir())
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
+        self._ready_dir: tempfile.TemporaryDirectory | None = None
 
     @property
     def base_url(self) -> str:
@@ -49,7 +50,8 @@ class EmbeddedServer:
 
     def start(self) -> EmbeddedServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        ready = Path(tempfile.mkdtemp(prefix="grace-serve-")) / "ready.json"
+        self._ready_dir = tempfile.TemporaryDirectory(prefix="grace-serve-")
+        ready = Path(self._ready_dir.name) / "ready.json"
         command = [
             sys.executable,
             "-m",
@@ -102,6 +104,9 @@ class EmbeddedServer:
             self.process.wait(timeout=30)
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self._ready_dir is not None:
+            self._ready_dir.cleanup()
+            self._ready_dir = None
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:

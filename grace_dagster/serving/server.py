@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import llama_cpp
 import uvicorn
 
 from grace_dagster.registry import load_registry
@@ -49,7 +50,7 @@ def serve(
         raise SystemExit(f"model {slug!r} is served by {model.serving.backend}, not by the embedded server")
     path = gguf_path(model)
     engine = Engine(path, n_ctx=model.serving.context_length, chat_template=model.serving.chat_template)
-    app = create_app(engine, model.served_name)
+    app = create_app(engine, model.served_name, version=f"grace-embedded (llama-cpp-python {llama_cpp.__version__})")
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

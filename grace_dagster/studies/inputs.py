@@ -66,6 +66,7 @@ class Column:
     dtype: str
     required: bool = False
     derive: Callable[[dict[str, str]], Any] | None = None
+    prose: bool = False  # vignette text for the prompts, as opposed to a design factor the analysis groups by
 
 
 def text(value: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from grace_dagster.studies.base import Study
+from grace_dagster.studies.base import Messages, Question, Study, Trial, user, value
 from grace_dagster.studies.inputs import Column, int_in_range, one_of, text
 
 GOALS = ("informative", "social", "both")
@@ -23,6 +23,37 @@ def hearts(value: str) -> int:
     return int(match.group(1))
 
 
+UTTERANCES = tuple(f"It {neg} {word}" for neg in ("was", "wasn't") for word in ("terrible", "bad", "good", "amazing"))
+NEGATED = tuple(i for i, u in enumerate(UTTERANCES) if u.startswith("It wasn't"))
+# The goal wordings of the original experiment, with the speaker (SP) and listener (LS) named.
+GOAL_WORDING = {
+    "informative": "If {SP} wanted to give as accurate and informative feedback as possible, rather than make {LS} "
+    "feel good,",
+    "social": "If {SP} wanted to make {LS} feel good, rather than give informative feedback,",
+    "both": "If {SP} wanted to BOTH make {LS} feel good AND give accurate and informative feedback,",
+}
+
+
+def _question(trial: Trial) -> str:
+    speaker = value(trial, "speaker", "the speaker")
+    listener = value(trial, "listener", "the listener")
+    goal = GOAL_WORDING[trial.Goal].format(SP=speaker, LS=listener)
+    return (
+        f"{trial.Scenario}\n"
+        f"Here's how {speaker} actually felt about it, on a scale of 0 to 3 hearts: {trial.State} out of 3 hearts.\n"
+        f"{goal} what would {speaker} be most likely to say?\n"
+        f"Reply with exactly one of: {', '.join(UTTERANCES)}."
+    )
+
+
+def exp1_messages(trial: Trial) -> Messages:
+    return user(_question(trial))
+
+
+def exp2_questions(trial: Trial) -> list[Question]:
+    return [Question(key="utterance", messages=user(_question(trial)), options=UTTERANCES, sums={"negation": NEGATED})]
+
+
 STUDY = Study(
     name="study2",
     title="Polite speech",
@@ -31,7 +62,7 @@ STUDY = Study(
         "social goals. Open Mind 4:71-87. doi:10.1162/opmi_a_00035 (CC BY 4.0)"
     ),
     columns=(
-        Column("Scenario", text, "string", required=True),
+        Column("Scenario", text, "string", required=True, prose=True),
         Column("Goal", one_of(*GOALS), "string", required=True),
         Column("State", hearts, "Int64", required=True),
         Column("participant", int_in_range(1, 10**6), "Int64"),
@@ -40,4 +71,6 @@ STUDY = Study(
         Column("listener", text, "string"),
     ),
     full_size=2424,
+    exp1_messages=exp1_messages,
+    exp2_questions=exp2_questions,
 )

@@ -1,0 +1,84 @@
+"""The checkpointed request loop both experiments share: ask the model only what the checkpoint lacks."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import AssetExecutionContext
+
+from grace_dagster.assets import common
+from grace_dagster.llm.batch import Checkpoint, run_pending
+from grace_dagster.llm.client import ClientStats, LLMClient
+from grace_dagster.registry import Model
+from grace_dagster.resources import LLMEndpoints, Storage
+from grace_dagster.serving.weights import local_sha256
+
+Ask = Callable[[Any], Awaitable[dict]]
+
+
+@dataclass
+class BatchOutcome:
+    records: dict[str, dict]  # request key -> finished record
+    asked: int
+    cached: int
+    stats: ClientStats | None
+    provenance: dict
+    started: float
+
+    def metadata(self) -> dict:
+        """What every experiment materialization records about its requests (DESIGN section 7)."""
+        stats = self.stats or ClientStats()
+        return {
+            **self.provenance,
+            "requests_made": stats.model_requests,
+            "http_requests": stats.requests,
+            "retries": stats.retries,
+            "cache_hits": self.cached,
+            "prompt_tokens_sent": stats.prompt_tokens,
+            "completion_tokens_received": stats.completion_tokens,
+            "duration_s": round(time.monotonic() - self.started, 2),
+        }
+
+
+def run_checkpointed(
+    context: AssetExecutionContext,
+    storage: Storage,
+    llm: LLMEndpoints,
+    experiment: str,
+    part: common.Partition,
+    model: Model,
+    jobs: dict[str, Any],
+    make_ask: Callable[[LLMClient], Ask],
+) -> BatchOutcome:
+    """Run `jobs` (request key -> payload) against the model, skipping those already in the checkpoint.
+
+    The server is started (or reached) only when something is left to ask. Each record is stamped with the
+    server version that answered it, so provenance survives a rebuild entirely from the checkpoint.
+    """
+    started = time.monotonic()
+    path = storage.path("checkpoints", experiment, part.model, f"{part.study.name}.jsonl")
+    with Checkpoint(path) as checkpoint:
+        pending = [key for key in jobs if key not in checkpoint]
+        context.log.info(f"{experiment} {part.label}: {len(jobs)} requests, {len(jobs) - len(pending)} checkpointed")
+        stats = None
+        if pending:
+            endpoint = llm.endpoint(part.model)
+
+            async def ask_all() -> ClientStats:
+                async with llm.client_for(endpoint) as client:
+                    version = await client.version()
+                    ask = make_ask(client)
+
+                    async def stamped(payload):
+                        return {**await ask(payload), "server_version": version}
+
+                    await run_pending(jobs, checkpoint, stamped, common.Progress(context, f"{experiment} {part.label}"))
+                    return client.stats
+
+            stats = asyncio.run(ask_all())
+        records = {key: checkpoint.records[key] for key in jobs}
+    versions = sorted({r.get("server_version", "unknown") for r in records.values()})
+    provenance = common.model_provenance(model, ", ".join(versions) or "n/a", local_sha256(model))
+    return BatchOutcome(records, len(pending), len(jobs) - len(pending), stats, provenance, started)

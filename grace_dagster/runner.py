@@ -1,0 +1,112 @@
+"""The main job on the embedded default, for the command line: `grace run`.
+
+Each model × study partition is one Dagster run, as a backfill from the UI would launch it, recorded in the same
+instance the UI reads (DAGSTER_HOME), so its runs, checks and metadata are there when the UI opens.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from dagster import DagsterInstance, MultiPartitionKey, materialize
+
+from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, exp1_responses, exp2_probabilities, study_trials
+from grace_dagster.resources import ExperimentSettings
+from grace_dagster.resources.defaults import default_resources
+
+EXPERIMENTS = {"exp1": exp1_responses, "exp2": exp2_probabilities}
+QUICK_TRIALS = 12  # study 1: every (access, observed) condition twice; study 2: every goal × state cell once
+RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+@dataclass
+class PartitionReport:
+    model: str
+    study: str
+    success: bool
+    outputs: dict[str, str] = field(default_factory=dict)
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (name, passed, severity)
+    error: str | None = None
+
+    @property
+    def blocking_failures(self) -> list[str]:
+        return [name for name, passed, severity in self.checks if not passed and severity == "ERROR"]
+
+
+def _error_message(result) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            return (error.cause or error).message.strip()
+    return "the run failed"
+
+
+def run_pipeline(
+    instance: DagsterInstance,
+    models: list[str],
+    studies: list[str],
+    experiments: list[str],
+    trial_limit: int | None,
+) -> list[PartitionReport]:
+    resources = {**default_resources(), "settings": ExperimentSettings(trial_limit=trial_limit)}
+    registry = resources["llm"].registry()
+    for model in models:
+        registry.get(model)  # an unknown slug stops here, before it becomes a partition
+    for study in studies:
+        result = materialize(
+            [study_trials],
+            partition_key=study,
+            resources=resources,
+            instance=instance,
+            run_config=RUN_CONFIG,
+            raise_on_error=False,
+        )
+        if not result.success:
+            raise SystemExit(f"{study}: the input did not validate:\n{_error_message(result)}")
+    known = set(instance.get_dynamic_partitions("model"))
+    instance.add_dynamic_partitions("model", [m for m in models if m not in known])
+
+    reports = []
+    selection = [EXPERIMENTS[e].key for e in experiments]
+    for model in models:
+        for study in studies:
+            print(f"\n== {model} × {study}: {', '.join(experiments)}", file=sys.stderr, flush=True)
+            result = materialize(
+                [*ALL_ASSETS, *ALL_CHECKS],
+                selection=selection,
+                partition_key=MultiPartitionKey({"model": model, "study": study}),
+                resources=resources,
+                instance=instance,
+                run_config=RUN_CONFIG,
+                tags={"grace/model": model, "grace/study": study},
+                raise_on_error=False,
+            )
+            report = PartitionReport(model, study, result.success)
+            for event in result.get_asset_materialization_events():
+                metadata = event.materialization.metadata
+                if "csv" in metadata:
+                    report.outputs[event.asset_key.to_user_string()] = metadata["csv"].value
+            for evaluation in result.get_asset_check_evaluations():
+                report.checks.append((evaluation.check_name, evaluation.passed, evaluation.severity.value))
+            if not result.success:
+                report.error = _error_message(result)
+            reports.append(report)
+    return reports
+
+
+def print_summary(reports: list[PartitionReport]) -> None:
+    print("\nSummary")
+    for r in reports:
+        status = "ok" if r.success else "FAILED"
+        print(f"  {r.model} × {r.study}: {status}")
+        for asset_name, path in sorted(r.outputs.items()):
+            print(f"    {asset_name}: {path}")
+        failed = [f"{name} ({severity})" for name, passed, severity in r.checks if not passed]
+        print(
+            f"    checks: {sum(p for _, p, _ in r.checks)}/{len(r.checks)} passed"
+            + (f"; not passed: {', '.join(failed)}" if failed else "")
+        )
+        if r.error:
+            print(f"    error: {r.error.splitlines()[0]}")
+    print("\nOpen the UI (make ui) to see every check's evidence; CSVs for R are under data/csv/.")

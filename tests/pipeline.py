@@ -1,0 +1,46 @@
+"""Helpers for tests that run the real pipeline: resources on a temporary data directory, partitions, runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import DagsterInstance, MultiPartitionKey, materialize
+
+from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, study_trials
+from grace_dagster.resources import ExperimentSettings, LLMEndpoints, Storage
+
+
+def resources(tmp_path: Path, trial_limit: int = 4, max_tokens: int = 24, **llm) -> dict:
+    return {
+        "storage": Storage(data_dir=str(tmp_path / "data")),
+        "llm": LLMEndpoints(log_dir=str(tmp_path / "logs"), **llm),
+        "settings": ExperimentSettings(trial_limit=trial_limit, max_tokens=max_tokens),
+    }
+
+
+def key(model: str, study: str) -> MultiPartitionKey:
+    return MultiPartitionKey({"model": model, "study": study})
+
+
+def prepare(instance: DagsterInstance, res: dict, models: list[str], studies=("study1", "study2")) -> None:
+    """Register the models' partitions and validate the study inputs."""
+    instance.add_dynamic_partitions("model", models)
+    for study in studies:
+        assert materialize([study_trials], partition_key=study, resources=res, instance=instance).success
+
+
+def run(instance: DagsterInstance, res: dict, asset_key, model: str, study: str, raise_on_error: bool = False):
+    """Materialize one asset's partition with its checks, as the UI does for a single asset."""
+    return materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=[asset_key],
+        partition_key=key(model, study),
+        resources=res,
+        instance=instance,
+        raise_on_error=raise_on_error,
+    )
+
+
+def metadata(result, asset_key) -> dict:
+    (materialization,) = [m for m in result.get_asset_materialization_events() if m.asset_key == asset_key]
+    return {k: v.value for k, v in materialization.materialization.metadata.items()}

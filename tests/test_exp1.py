@@ -1,0 +1,118 @@
+"""Experiment 1 raw responses through the real asset, the real embedded server and a real Dagster instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster import DagsterInstance
+
+from grace_dagster.assets import exp1_responses
+from grace_dagster.assets.checks import CheckContext
+from grace_dagster.assets.exp1 import answers_not_truncated, every_trial_answered, responses_non_empty
+from grace_dagster.resources import ExperimentSettings
+from grace_dagster.studies import STUDIES
+from tests import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_each_trial_once_and_no_repeat_requests(tmp_path):
+    """A real `dagster asset materialize` process is SIGKILLed part-way; the rerun finishes the rest."""
+    home = tmp_path / "home"
+    home.mkdir()
+    instance = DagsterInstance.local_temp(tempdir=str(home))
+    res = pipeline.resources(tmp_path, trial_limit=8, max_tokens=24)
+    pipeline.prepare(instance, res, ["smollm2-135m"], studies=("study2",))
+    checkpoint = tmp_path / "data" / "checkpoints" / "exp1" / "smollm2-135m" / "study2.jsonl"
+
+    config = {"resources": {"settings": {"config": {"trial_limit": 8, "max_tokens": 24}}}}
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GRACE_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "grace_dagster.definitions"]
+    command += ["--select", "exp1/responses", "--partition", "smollm2-135m|study2", "--config-json", json.dumps(config)]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while len(_checkpoint_lines(checkpoint)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    answered_before = {r["trial_id"] for r in _checkpoint_lines(checkpoint)}
+    assert 2 <= len(answered_before) < 8, "the run was killed part-way"
+
+    result = pipeline.run(instance, res, exp1_responses.key, "smollm2-135m", "study2")
+    assert result.success
+    meta = pipeline.metadata(result, exp1_responses.key)
+    assert meta["cache_hits"] == len(answered_before)
+    assert meta["requests_made"] == 8 - len(answered_before), "no request for a trial already answered"
+    records = _checkpoint_lines(checkpoint)
+    assert sorted(r["trial_id"] for r in records) == sorted({r["trial_id"] for r in records}), "no duplicates"
+    table = pd.read_parquet(tmp_path / "data" / "exp1" / "responses" / "smollm2-135m" / "study2.parquet")
+    assert len(table) == 8 and table["trial_id"].is_unique and table["response"].notna().all()
+    assert all(e.passed for e in result.get_asset_check_evaluations() if e.check_name != "answers_not_truncated")
+
+
+@pytest.mark.slow
+def test_rematerializing_a_finished_partition_makes_zero_model_requests(tmp_path):
+    instance = DagsterInstance.ephemeral()
+    res = pipeline.resources(tmp_path, trial_limit=3, max_tokens=16)
+    pipeline.prepare(instance, res, ["gemma3-270m"], studies=("study1",))
+    first = pipeline.run(instance, res, exp1_responses.key, "gemma3-270m", "study1")
+    assert first.success and pipeline.metadata(first, exp1_responses.key)["requests_made"] == 3
+    csv = tmp_path / "data" / "csv" / "gemma3-270m_study1_raw_responses.csv"
+    before = pd.read_csv(csv)
+
+    second = pipeline.run(instance, res, exp1_responses.key, "gemma3-270m", "study1")
+    meta = pipeline.metadata(second, exp1_responses.key)
+    assert second.success
+    assert meta["requests_made"] == 0 and meta["cache_hits"] == 3
+    assert res["llm"]._servers == {}, "no server was even started"
+    pd.testing.assert_frame_equal(pd.read_csv(csv), before)
+    assert {"story_setup", "speech", "access", "response", "seed", "finish_reason"} <= set(before.columns)
+
+
+def _table(**columns) -> pd.DataFrame:
+    return pd.DataFrame(columns)
+
+
+def test_checks_flag_missing_duplicate_empty_and_truncated_answers():
+    trials = pd.DataFrame({"trial_id": ["a", "b", "c"]})
+    check = CheckContext(trials, ExperimentSettings(max_tokens=16), STUDIES["study2"])
+    good = _table(
+        trial_id=["a", "b", "c"], response=["x", "y", "z"], finish_reason=["stop"] * 3, completion_tokens=[1] * 3
+    )
+    assert every_trial_answered(good, check).passed
+    assert responses_non_empty(good, check).passed
+    assert answers_not_truncated(good, check).passed
+
+    missing = good[good.trial_id != "b"]
+    outcome = every_trial_answered(missing, check)
+    assert not outcome.passed and outcome.metadata["missing"] == 1
+    duplicated = pd.concat([good, good[good.trial_id == "a"]])
+    assert every_trial_answered(duplicated, check).metadata["duplicated"] == 1
+    unanswered = good.assign(finish_reason=["stop", None, "stop"], response=["x", None, "z"])
+    assert every_trial_answered(unanswered, check).metadata["missing"] == 1
+
+    empty = good.assign(response=["x", "  ", "z"])
+    outcome = responses_non_empty(empty, check)
+    assert not outcome.passed and outcome.metadata["empty_responses"] == 1
+    assert list(outcome.worst.trial_id) == ["b"]
+
+    truncated = good.assign(finish_reason=["stop", "length", "length"])
+    outcome = answers_not_truncated(truncated, check)
+    assert not outcome.passed and outcome.metadata["truncated"] == 2 and outcome.metadata["truncated_rate"] == 0.6667
