@@ -29,15 +29,23 @@ def _registry(path: str | None) -> Registry | None:
         return None
 
 
-def cmd_render(args: argparse.Namespace) -> int:
+def _rendered(args: argparse.Namespace) -> tuple[Registry, list[dict]] | None:
+    """The registry and every object rendered from it, or None after saying why they cannot be had."""
     registry = _registry(args.registry)
     if registry is None:
-        return 2
+        return None
     try:
-        objects = render_objects(registry)
+        return registry, render_objects(registry)
     except RenderError as e:
         print(f"cannot render the manifests: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    rendered = _rendered(args)
+    if rendered is None:
         return 2
+    registry, objects = rendered
     # A render that breaks a rule is never written: what is committed under k8s/ can always be applied.
     try:
         problems = [str(e) for e in validate_objects(objects, args.kubernetes_version)]
@@ -109,14 +117,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_exceptions(args: argparse.Namespace) -> int:
-    registry = _registry(args.registry)
-    if registry is None:
+    rendered = _rendered(args)
+    if rendered is None:
         return 2
-    try:
-        objects = render_objects(registry)
-    except RenderError as e:
-        print(f"cannot render the manifests: {e}", file=sys.stderr)
-        return 2
+    registry, objects = rendered
     needs = required_exceptions(objects)
     print(f"NRP exception requests for namespace {NAMESPACE!r} (from {registry.source}).")
     print("Each names the object, what it needs beyond the cluster's defaults, and why. Send them to the NRP")
