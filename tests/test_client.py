@@ -10,7 +10,14 @@ import math
 import httpx
 import pytest
 
-from grace_dagster.llm import LLMClient, LLMRequestError, LLMUnavailableError, RetryPolicy, score_options
+from grace_dagster.llm import (
+    LLMClient,
+    LLMRequestError,
+    LLMUnavailableError,
+    RetryPolicy,
+    ScoringError,
+    score_options,
+)
 from grace_dagster.serving.process import EmbeddedServer
 
 FAST_RETRY = RetryPolicy(attempts=40, initial_backoff=0.2, max_backoff=1.0)
@@ -215,3 +222,35 @@ def test_unreachable_server_fails_after_bounded_retries_with_advice():
 
     with pytest.raises(LLMUnavailableError, match="failed 3 times.*Check that the model server is running"):
         asyncio.run(main())
+
+
+def test_scoring_accepts_sentencepiece_token_strings_but_refuses_a_misaligned_span():
+    """vLLM's per-token strings for SentencePiece models carry '▁' for a leading space; a span shifted by one
+    token still fails."""
+
+    def body(tokens: list[list[tuple[int, str]]]) -> dict:
+        choices = []
+        for index, prompt in enumerate(tokens):
+            positions = [None] + [{str(t): {"logprob": -0.5, "rank": 1, "decoded_token": s}} for t, s in prompt[1:]]
+            choices.append({"index": index, "text": "", "finish_reason": "length", "prompt_logprobs": positions})
+        return {
+            "id": "x",
+            "object": "text_completion",
+            "created": 1,
+            "model": "m",
+            "choices": choices,
+            "usage": {"prompt_tokens": 1, "total_tokens": 1},
+        }
+
+    context = [(2, "<bos>"), (10, "Answer"), (11, ":")]
+    aligned = body([context, context + [(20, "▁yes"), (21, "\n")], context + [(22, "▁no"), (21, "\n")]])
+    shifted = body([context, context + [(20, "▁yes"), (21, "\n")], context[:-1] + [(23, ":▁no"), (21, "\n")]])
+
+    async def score(replayed):
+        transport, _ = _replay((200, replayed))
+        async with LLMClient("http://vllm:8000", "m", transport=transport) as client:
+            return await score_options(client, "Answer:", [" yes\n", " no\n"], add_special_tokens=True)
+
+    assert asyncio.run(score(aligned)).probabilities == [0.5, 0.5]
+    with pytest.raises(ScoringError):
+        asyncio.run(score(shifted))

@@ -44,6 +44,20 @@ class OptionScores:
         )
 
 
+# Tokenizer markers some servers leave in per-token strings (SentencePiece "▁", byte-level BPE "Ġ" and "Ċ").
+_MARKERS = str.maketrans({"▁": " ", "Ġ": " ", "Ċ": "\n"})
+
+
+def _same_text(decoded: str, option: str) -> bool:
+    """Does the span's per-token text spell the option? Exact, or equal up to whitespace once tokenizer markers
+    are mapped back: vLLM decodes each prompt token on its own, which can drop or mark a leading space. A
+    misaligned span changes the visible characters, so it still fails."""
+    if decoded == option:
+        return True
+    squeeze = lambda text: "".join(text.translate(_MARKERS).split())  # noqa: E731
+    return squeeze(decoded) == squeeze(option)
+
+
 def _positions(choice: CompletionChoice) -> list[tuple[int, float, str]]:
     """(token id, logprob, decoded text) for prompt positions 1.. (position 0 has no logprob)."""
     if choice.prompt_logprobs is None:
@@ -79,7 +93,7 @@ async def score_options(client: LLMClient, context: str, options: list[str], add
             )
         span = positions[n_context - 1 :]
         decoded = "".join(p[2] for p in span)
-        if not span or decoded != option:
+        if not span or not _same_text(decoded, option):
             raise ScoringError(f"option {option!r}: its token span decodes to {decoded!r}; scores would be misaligned")
         total = sum(p[1] for p in span)
         logprobs.append(-math.inf if any(p[1] <= MIN_LOGPROB for p in span) else total)
