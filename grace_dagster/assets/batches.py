@@ -9,13 +9,19 @@ from typing import Any
 from dagster import AssetExecutionContext
 
 from grace_dagster.assets import common
-from grace_dagster.llm.batch import Checkpoint, run_pending
+from grace_dagster.llm.batch import Checkpoint, request_key, run_pending
 from grace_dagster.llm.client import ClientStats, LLMClient
 from grace_dagster.registry import Model
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.serving.weights import local_sha256
 
 Ask = Callable[[Any], Awaitable[dict]]
+
+
+def model_request_key(experiment: str, code_version: str, model: Model, *request: Any) -> str:
+    """The checkpoint key of a request: everything that determines its answer, the model's identity and serving
+    settings included, so a changed model, prompt or code version is asked anew and nothing else ever twice."""
+    return request_key(experiment, code_version, model.served_name, model.weights_revision, model.serving, *request)
 
 
 @dataclass
@@ -62,6 +68,10 @@ def run_checkpointed(
     with Checkpoint(path) as checkpoint:
         pending = [key for key in jobs if key not in checkpoint]
         context.log.info(f"{experiment} {part.label}: {len(jobs)} requests, {len(jobs) - len(pending)} checkpointed")
+        if checkpoint.skipped_lines:
+            context.log.warning(
+                f"{path}: {checkpoint.skipped_lines} unreadable line(s) skipped; their requests are asked again"
+            )
         stats = None
         if pending:
             endpoint = llm.endpoint(part.model)

@@ -4,11 +4,10 @@ import pandas as pd
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from grace_dagster.assets import common
-from grace_dagster.assets.batches import run_checkpointed
+from grace_dagster.assets.batches import model_request_key, run_checkpointed
 from grace_dagster.assets.checks import CheckContext, CheckOutcome, table_check
 from grace_dagster.assets.partitions import model_study_partitions
 from grace_dagster.llm import prompting
-from grace_dagster.llm.batch import request_key
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import ID_COLUMN
@@ -52,10 +51,7 @@ def exp1_responses(
             temperature=settings.temperature,
             seed=common.trial_seed(settings.seed, trial_id),
         )
-        key = request_key(
-            "exp1", CODE_VERSION, model.served_name, model.weights_revision, model.serving, messages, params
-        )
-        jobs[key] = (trial_id, messages, params)
+        jobs[model_request_key("exp1", CODE_VERSION, model, messages, params)] = (trial_id, messages, params)
 
     def make_ask(client):
         async def ask(job):

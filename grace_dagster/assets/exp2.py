@@ -8,11 +8,10 @@ import pandas as pd
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from grace_dagster.assets import common
-from grace_dagster.assets.batches import run_checkpointed
+from grace_dagster.assets.batches import model_request_key, run_checkpointed
 from grace_dagster.assets.checks import CheckContext, CheckOutcome, table_check
 from grace_dagster.assets.partitions import model_study_partitions
 from grace_dagster.llm import prompting, scoring
-from grace_dagster.llm.batch import request_key
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import ID_COLUMN, Study
@@ -113,15 +112,7 @@ def exp2_probabilities(
     asked: list[tuple[str, str]] = []  # (trial id, request key), in trial and question order
     for trial in trials.itertuples(index=False):
         for question in part.study.exp2_questions(trial):
-            key = request_key(
-                "exp2",
-                CODE_VERSION,
-                model.served_name,
-                model.weights_revision,
-                model.serving,
-                question.messages,
-                question.options,
-            )
+            key = model_request_key("exp2", CODE_VERSION, model, question.messages, question.options)
             jobs[key] = question
             asked.append((getattr(trial, ID_COLUMN), key))
 

