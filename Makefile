@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: run test install home lint samples ui
+.PHONY: run test install home system lint samples ui
 
 install: $(STAMP)
 
@@ -16,14 +16,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-home:
+# Debian packages the tests need: PostgreSQL (instance storage test) and Chromium (UI browser test).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# The pool limit is also set explicitly: Dagster creates a pool from `default_limit` only after the run queue has
+# first read the limits, so on a fresh instance its first pass would admit every waiting run of the pool.
+home: install
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster instance concurrency set llm-endpoints 1 >/dev/null
 
 run: install home
 	$(BIN)/grace run $(ARGS)
 
-test: install home
+test: install home system
 	$(BIN)/python -m pytest $(ARGS)
 
 # The Dagster UI on http://127.0.0.1:3000, reading the same instance as `make run`.

@@ -52,6 +52,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from grace_dagster.archive import ArchiveError, create, verify
+
+    try:
+        if args.verify:
+            report = verify(args.verify)
+            for problem in report.problems:
+                print(problem)
+            if not report.ok:
+                print(
+                    f"{report.path}: FAILED, {len(report.problems)} problem(s) in {report.checked} file(s) checked; "
+                    "do not delete the data this archive was made from",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"{report.path}: ok, {report.checked} files match the manifest")
+            return 0
+        path, manifest = create(args.data_dir, args.out)
+    except ArchiveError as e:
+        print(e, file=sys.stderr)
+        return 2
+    rows = sum(manifest["tables"].values())
+    print(
+        f"wrote {path}: {len(manifest['files'])} files ({manifest['total_bytes']:,} bytes), "
+        f"{len(manifest['tables'])} tables with {rows:,} rows; models: {', '.join(manifest['models']) or '-'}; "
+        f"studies: {', '.join(manifest['studies']) or '-'}"
+    )
+    print(f"check it before deleting anything: grace archive --verify {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help="write {host, port, pid} here once serving")
     serve.add_argument("--parent-pid", type=int, help="exit when this process is gone (used by the resource)")
     serve.set_defaults(func=cmd_serve)
+
+    archive = sub.add_parser(
+        "archive", help="write one tar.gz of all outputs with a manifest (sha256, rows), or --verify one"
+    )
+    archive.add_argument("--data-dir", type=Path, default=Path("data"), help="the outputs to archive (default: data)")
+    archive.add_argument("--out", type=Path, help="archive path (default: ./grace-archive-<UTC time>.tar.gz)")
+    archive.add_argument("--verify", type=Path, metavar="PATH", help="check an archive against its manifest instead")
+    archive.set_defaults(func=cmd_archive)
 
     from grace_dagster.k8s.commands import register as register_k8s
 
