@@ -9,13 +9,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from dagster import DagsterInstance, MultiPartitionKey, materialize
+from dagster import AssetKey, DagsterInstance, MultiPartitionKey, materialize
 
-from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, exp1_responses, exp2_probabilities, study_trials
+from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, ANALYSIS_ASSETS, EXPERIMENT_ASSETS, study_trials
+from grace_dagster.assets.common import run_tags
 from grace_dagster.resources import ExperimentSettings
 from grace_dagster.resources.defaults import default_resources
 
-EXPERIMENTS = {"exp1": exp1_responses, "exp2": exp2_probabilities}
 QUICK_TRIALS = 12  # study 1: every (access, observed) condition twice; study 2: every goal × state cell once
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -27,6 +27,7 @@ class PartitionReport:
     success: bool
     outputs: dict[str, str] = field(default_factory=dict)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (name, passed, severity)
+    notes: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -68,7 +69,7 @@ def run_pipeline(
     instance.add_dynamic_partitions("model", [m for m in models if m not in known])
 
     reports = []
-    selection = [EXPERIMENTS[e].key for e in experiments]
+    selection = [a.key for e in experiments for a in EXPERIMENT_ASSETS[e]]
     for model in models:
         for study in studies:
             print(f"\n== {model} × {study}: {', '.join(experiments)}", file=sys.stderr, flush=True)
@@ -79,26 +80,48 @@ def run_pipeline(
                 resources=resources,
                 instance=instance,
                 run_config=RUN_CONFIG,
-                tags={"grace/model": model, "grace/study": study},
+                tags=run_tags(model, study),
                 raise_on_error=False,
             )
-            report = PartitionReport(model, study, result.success)
-            for event in result.get_asset_materialization_events():
-                metadata = event.materialization.metadata
-                if "csv" in metadata:
-                    report.outputs[event.asset_key.to_user_string()] = metadata["csv"].value
-            for evaluation in result.get_asset_check_evaluations():
-                report.checks.append((evaluation.check_name, evaluation.passed, evaluation.severity.value))
-            if not result.success:
-                report.error = _error_message(result)
-            reports.append(report)
+            reports.append(_report(model, study, result))
+
+    print(f"\n== analysis: {', '.join(studies)}", file=sys.stderr, flush=True)
+    analysis = [a for a in ANALYSIS_ASSETS if a.key in {AssetKey(["analysis", s]) for s in studies}]
+    result = materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=[a.key for a in analysis],
+        resources=resources,
+        instance=instance,
+        run_config=RUN_CONFIG,
+        tags=run_tags(),
+        raise_on_error=False,
+    )
+    reports.append(_report("all models", ", ".join(studies), result))
     return reports
+
+
+def _report(model: str, study: str, result) -> PartitionReport:
+    report = PartitionReport(model, study, result.success)
+    for event in result.get_asset_materialization_events():
+        metadata = event.materialization.metadata
+        if "csv" in metadata:
+            report.outputs[event.asset_key.to_user_string()] = metadata["csv"].value
+        if "partitions_read_and_refused" in metadata:
+            report.notes.append(
+                f"{event.asset_key.to_user_string()} read:\n{metadata['partitions_read_and_refused'].value}"
+            )
+    for evaluation in result.get_asset_check_evaluations():
+        report.checks.append((evaluation.check_name, evaluation.passed, evaluation.severity.value))
+    if not result.success:
+        report.error = _error_message(result)
+    return report
 
 
 def print_summary(reports: list[PartitionReport]) -> None:
     print("\nSummary")
     for r in reports:
-        status = "ok" if r.success else "FAILED"
+        blocked = r.blocking_failures
+        status = "ok" if r.success else f"stopped by blocking check(s): {', '.join(blocked)}" if blocked else "FAILED"
         print(f"  {r.model} × {r.study}: {status}")
         for asset_name, path in sorted(r.outputs.items()):
             print(f"    {asset_name}: {path}")
@@ -107,6 +130,8 @@ def print_summary(reports: list[PartitionReport]) -> None:
             f"    checks: {sum(p for _, p, _ in r.checks)}/{len(r.checks)} passed"
             + (f"; not passed: {', '.join(failed)}" if failed else "")
         )
-        if r.error:
+        for note in r.notes:
+            print("    " + note.replace("\n", "\n    "))
+        if r.error and not blocked:
             print(f"    error: {r.error.splitlines()[0]}")
     print("\nOpen the UI (make ui) to see every check's evidence; CSVs for R are under data/csv/.")

@@ -6,11 +6,25 @@ import warnings
 # Dagster 1.13. Their warnings would otherwise open every run's log.
 warnings.filterwarnings("ignore", message=".*is currently in (beta|preview)")
 
+from grace_dagster.assets.analysis import ANALYSIS_ASSETS  # noqa: E402
 from grace_dagster.assets.exp1 import EXP1_CHECKS, exp1_responses  # noqa: E402
 from grace_dagster.assets.exp2 import EXP2_CHECKS, exp2_probabilities  # noqa: E402
 from grace_dagster.assets.inputs import study_trials  # noqa: E402
+from grace_dagster.assets.structured import STRUCTURED_CHECKS, exp1_structured  # noqa: E402
 
-ALL_ASSETS = [study_trials, exp1_responses, exp2_probabilities]
-ALL_CHECKS = [*EXP1_CHECKS, *EXP2_CHECKS]
+ALL_ASSETS = [study_trials, exp1_responses, exp1_structured, exp2_probabilities, *ANALYSIS_ASSETS]
+ALL_CHECKS = [*EXP1_CHECKS, *STRUCTURED_CHECKS, *EXP2_CHECKS]
+# What one model × study run of an experiment materializes: raw and structured of Experiment 1 in the same run, so
+# the responses' blocking checks stop the extraction there (DESIGN section 3).
+EXPERIMENT_ASSETS = {"exp1": [exp1_responses, exp1_structured], "exp2": [exp2_probabilities]}
 
-__all__ = ["ALL_ASSETS", "ALL_CHECKS", "exp1_responses", "exp2_probabilities", "study_trials"]
+__all__ = [
+    "ALL_ASSETS",
+    "ALL_CHECKS",
+    "ANALYSIS_ASSETS",
+    "EXPERIMENT_ASSETS",
+    "exp1_responses",
+    "exp1_structured",
+    "exp2_probabilities",
+    "study_trials",
+]

@@ -33,10 +33,11 @@ class BatchOutcome:
     provenance: dict
     started: float
 
-    def metadata(self) -> dict:
-        """What every experiment materialization records about its requests (DESIGN section 7)."""
+    def metadata(self, prefix: str = "") -> dict:
+        """What every materialization records about its requests (DESIGN section 7); `prefix` tells a judge's
+        requests apart from the partition model's."""
         stats = self.stats or ClientStats()
-        return {
+        recorded = {
             **self.provenance,
             "requests_made": stats.model_requests,
             "http_requests": stats.requests,
@@ -46,6 +47,7 @@ class BatchOutcome:
             "completion_tokens_received": stats.completion_tokens,
             "duration_s": round(time.monotonic() - self.started, 2),
         }
+        return {f"{prefix}{key}": value for key, value in recorded.items()}
 
 
 def run_checkpointed(
@@ -58,7 +60,8 @@ def run_checkpointed(
     jobs: dict[str, Any],
     make_ask: Callable[[LLMClient], Ask],
 ) -> BatchOutcome:
-    """Run `jobs` (request key -> payload) against the model, skipping those already in the checkpoint.
+    """Run `jobs` (request key -> payload) against `model` (the partition's, or a judge), skipping those already in
+    the partition's checkpoint for `experiment`.
 
     The server is started (or reached) only when something is left to ask. Each record is stamped with the
     server version that answered it, so provenance survives a rebuild entirely from the checkpoint.
@@ -74,7 +77,7 @@ def run_checkpointed(
             )
         stats = None
         if pending:
-            endpoint = llm.endpoint(part.model)
+            endpoint = llm.endpoint(model.slug)
 
             async def ask_all() -> ClientStats:
                 async with llm.client_for(endpoint) as client:

@@ -1,7 +1,9 @@
 """What the experiment assets share: partition keys, trial loading, progress, provenance."""
 
+import getpass
 import hashlib
 import inspect
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +17,9 @@ from grace_dagster.registry import Model
 from grace_dagster.resources import Storage
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import STUDIES, Study
+
+# Steps that talk to a model share this pool; the instance config (dagster.yaml, Helm values) sets its limit.
+ENDPOINT_POOL = "llm-endpoints"
 
 # Each model × study partition reads the study's partition of the validated inputs.
 TRIALS_DEP = AssetDep(study_trials, partition_mapping=MultiToSingleDimensionPartitionMapping("study"))
@@ -37,6 +42,17 @@ class Partition:
     @property
     def label(self) -> str:
         return f"{self.model}|{self.study.name}"
+
+
+def run_tags(model: str | None = None, study: str | None = None) -> dict[str, str]:
+    """The tags every run the project launches carries: the instance's run queue limits runs per model and per user
+    with them (dagster.yaml), and GPU admission counts a user's runs by them."""
+    tags = {"grace/user": os.environ.get("GRACE_USER") or getpass.getuser()}
+    if model:
+        tags["grace/model"] = model
+    if study:
+        tags["grace/study"] = study
+    return tags
 
 
 def partition(context: AssetExecutionContext) -> Partition:

@@ -25,6 +25,7 @@ CODE_VERSION = common.code_version(prompting)
 @asset(
     key=["exp1", "responses"],
     partitions_def=model_study_partitions,
+    pool=common.ENDPOINT_POOL,
     deps=[common.TRIALS_DEP],
     group_name="exp1",
     kinds={"python", "parquet"},

@@ -24,6 +24,10 @@ def probabilities_path(storage: Storage, part: common.Partition):
     return storage.path("exp2", "probabilities", part.model, f"{part.study.name}.parquet")
 
 
+def wide_path(storage: Storage, part: common.Partition):
+    return storage.path("exp2", "wide", part.model, f"{part.study.name}.parquet")
+
+
 def option_slug(option: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", option.lower()).strip("_")
 
@@ -89,6 +93,7 @@ CODE_VERSION = common.code_version(prompting, scoring)
 @asset(
     key=["exp2", "probabilities"],
     partitions_def=model_study_partitions,
+    pool=common.ENDPOINT_POOL,
     deps=[common.TRIALS_DEP],
     group_name="exp2",
     kinds={"python", "parquet"},
@@ -137,7 +142,7 @@ def exp2_probabilities(
     wide = wide_table(part.study, trials, long)
     (parquet,) = storage.write_table(long, probabilities_path(storage, part))
     csv = storage.path("csv", f"{part.model}_{part.study.name}_probabilities.csv")
-    storage.write_table(wide, storage.path("exp2", "wide", part.model, f"{part.study.name}.parquet"), csv)
+    storage.write_table(wide, wide_path(storage, part), csv)
     mass = long.groupby([ID_COLUMN, "question"])["captured_mass"].first()
     return MaterializeResult(
         metadata={

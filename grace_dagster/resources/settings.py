@@ -21,9 +21,32 @@ class ExperimentSettings(ConfigurableResource):
     )
     seed: int = Field(default=20261122, description="Base seed; each trial's seed derives from it and its id.")
     temperature: float = Field(default=0.7, description="Sampling temperature for Experiment 1 (research plan).")
-    max_tokens: int = Field(default=160, description="Token limit of an Experiment 1 answer.")
+    max_tokens: int = Field(
+        default_factory=lambda: _env_int("GRACE_MAX_TOKENS") or 160,
+        description="Token limit of an Experiment 1 answer.",
+    )
     min_captured_mass: float = Field(
         default=0.05, description="WARN when the answer options hold less of the model's probability than this."
+    )
+
+    judge_model: str = Field(
+        default_factory=lambda: os.environ.get("GRACE_JUDGE_MODEL", "smollm2-135m"),
+        description="Registry slug of the instruct model that reads answers the parser cannot (structured "
+        "extraction); a DeepSeek entry on the cluster, a local model on a laptop.",
+    )
+    judge_max_attempts: int = Field(
+        default=3, ge=1, description="Judge requests per answer before it counts as failed."
+    )
+    judge_audit_size: int = Field(
+        default=10,
+        ge=0,
+        description="Rows the parser read that the judge reads too, to estimate the judge's accuracy per partition.",
+    )
+    min_extraction_rate: float = Field(
+        default=0.95, ge=0, le=1, description="Blocking: the share of answers extracted (the research plan's 95%)."
+    )
+    min_judge_accuracy: float = Field(
+        default=0.9, ge=0, le=1, description="WARN when the judge agrees with the parser on fewer audited rows."
     )
 
     def subset(self, trials: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel
 
 from grace_dagster.studies.inputs import Column, read_study_csv
 
@@ -41,6 +42,14 @@ class Study:
     exp1_messages: Callable[[Trial], Messages]
     # Experiment 2: the questions whose answer distributions are read from log-probabilities.
     exp2_questions: Callable[[Trial], list[Question]]
+    # Structured extraction: the answer schema (its fields are the structured table's columns), the deterministic
+    # parser for answers in the requested format (None: it cannot read the answer, so the judge is asked), and
+    # what the judge is told the participant was asked.
+    answer: type[BaseModel]
+    parse_answer: Callable[[str], dict | None]
+    answer_task: str
+    # Analysis over all models: the analysis-ready table, the comparison with the published human results, plots.
+    analyze: Callable[[AnalysisInput], Analysis]
 
     @property
     def sample_path(self) -> Path:
@@ -56,9 +65,37 @@ class Study:
         """Design factors and ids, the columns analysis tables keep (prose columns stay in the raw responses)."""
         return [c.name for c in self.columns if not c.prose]
 
+    @property
+    def answer_dtypes(self) -> dict[str, str]:
+        """The answer schema's fields (computed ones too) as table columns: integers stay integers in R."""
+        schema = self.answer
+        fields = {name: "Int64" if f.annotation is int else "string" for name, f in schema.model_fields.items()}
+        return fields | {name: "string" for name in schema.model_computed_fields}
+
+    @property
+    def factor_dtypes(self) -> dict[str, str]:
+        return {c.name: c.dtype for c in self.columns if not c.prose}
+
     def load(self, path: Path | None = None) -> pd.DataFrame:
         """Read and validate an input file (default: the shipped sample); raises InputError."""
         return read_study_csv(path or self.sample_path, self.columns, ID_COLUMN, id_prefix=self.name)
+
+
+@dataclass(frozen=True)
+class AnalysisInput:
+    """The partitions that passed their gates, by model: Experiment 1 structured answers, Experiment 2 wide tables."""
+
+    study: Study
+    exp1: dict[str, pd.DataFrame]
+    exp2: dict[str, pd.DataFrame]
+
+
+@dataclass
+class Analysis:
+    table: pd.DataFrame  # one row per model × trial, for R
+    comparisons: dict[str, pd.DataFrame]  # name -> table comparing models with the human results
+    figures: dict[str, bytes]  # name -> PNG
+    metadata: dict[str, Any] = field(default_factory=dict)  # headline numbers
 
 
 def user(text: str) -> Messages:

@@ -7,8 +7,14 @@ three have the property, before (prior) and after (posterior) the utterance, and
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from grace_dagster.studies.base import Messages, Question, Study, Trial, user, value
+import matplotlib.pyplot as plt
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from grace_dagster.studies import analysis
+from grace_dagster.studies.base import Analysis, AnalysisInput, Messages, Question, Study, Trial, user, value
 from grace_dagster.studies.inputs import Column, int_in_range, text
 
 NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "1": 1, "2": 2, "3": 3}
@@ -75,6 +81,179 @@ def exp2_questions(trial: Trial) -> list[Question]:
     return [*states, knowledge]
 
 
+class Answer(BaseModel):
+    """A structured Experiment 1 answer, in the research plan's column names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    Prior_A: int = Field(ge=0, le=3, description="first question, before the utterance: how many of the 3 (0 to 3)")
+    Bet_0: int = Field(ge=0, le=100, description="dollars bet on exactly 0 after the utterance")
+    Bet_1: int = Field(ge=0, le=100, description="dollars bet on exactly 1 after the utterance")
+    Bet_2: int = Field(ge=0, le=100, description="dollars bet on exactly 2 after the utterance")
+    Bet_3: int = Field(ge=0, le=100, description="dollars bet on exactly 3 after the utterance")
+    Knowledge_A: Literal["yes", "no"] = Field(description="third question: does the speaker know exactly (yes or no)")
+
+    @model_validator(mode="after")
+    def bets_sum_to_100(self) -> Answer:
+        total = self.Bet_0 + self.Bet_1 + self.Bet_2 + self.Bet_3
+        if total != 100:
+            raise ValueError(f"the four bets must add up to 100 dollars; they add up to {total}")
+        return self
+
+
+ANSWER_TASK = (
+    "The participant read a story and answered three questions: (1) before the speaker's message, how many of the 3 "
+    "objects have the property (0 to 3); (2) after the message, a bet of 100 dollars across the answers 0, 1, 2 and "
+    "3; (3) whether the speaker knows exactly how many (yes or no). They were asked to reply as "
+    "'Prior: <0-3> / Bets: 0: <dollars>, 1: <dollars>, 2: <dollars>, 3: <dollars> / Knowledge: <yes or no>'."
+)
+_PRIOR = re.compile(r"\bprior\s*[:=]\s*\**\s*(\d+)", re.IGNORECASE)
+_BETS_LINE = re.compile(r"\bbets?\s*[:=](.*)", re.IGNORECASE)
+_BET = re.compile(r"\b([0-3])\s*[:=]\s*\$?\s*(\d+)")
+_KNOWLEDGE = re.compile(r"\bknowledge\s*[:=]\s*\**\s*(yes|no)\b", re.IGNORECASE)
+
+
+def _single(values: list[str]) -> str | None:
+    """The one value a field was given; None when it is absent or given twice with different values."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def parse_answer(text: str) -> dict | None:
+    """Read an answer in the requested format. Values are returned as read, even out of range, so the schema
+    refuses them with a reason; None means the format was not followed (or not unambiguously) and the judge reads it.
+    """
+    prior = _single(_PRIOR.findall(text))
+    knowledge = _single([k.lower() for k in _KNOWLEDGE.findall(text)])
+    bet_lines = [dict(_BET.findall(line)) for line in _BETS_LINE.findall(text)]
+    bet_lines = [bets for bets in bet_lines if set(bets) == {"0", "1", "2", "3"}]
+    if prior is None or knowledge is None or len({tuple(sorted(b.items())) for b in bet_lines}) != 1:
+        return None
+    bets = bet_lines[0]
+    return {"Prior_A": int(prior), **{f"Bet_{k}": int(bets[str(k)]) for k in STATES}, "Knowledge_A": knowledge}
+
+
+# The paper's implicature tests (its experiment 2, the design of these trials): in the condition (access, observed),
+# do people bet more on `state_a` than on `state_b`? "Upper-bounded" readings bet more on the observed number.
+IMPLICATURE_TESTS = (
+    # (access, observed, state_a, state_b, people bet more on state_a, the paper's wording)
+    (3, 2, 2, 3, True, "two, full access: upper-bounded"),
+    (2, 2, 2, 3, False, "two, partial access: not upper-bounded"),
+    (3, 1, 1, 2, True, "one, full access: upper-bounded"),
+    (3, 1, 1, 3, True, "one, full access: upper-bounded"),
+    (1, 1, 1, 2, False, "one, access 1: not upper-bounded"),
+    (1, 1, 1, 3, False, "one, access 1: not upper-bounded"),
+    (2, 1, 1, 3, True, "one, access 2: partial (state 1 > state 3)"),
+    (2, 1, 1, 2, False, "one, access 2: not greater"),
+)
+EXP1_COLUMNS = [*Answer.model_fields, analysis.EXTRACTION_COLUMN]
+EXP2_COLUMNS = [f"state{k}_mean" for k in STATES] + ["knowledge_p_yes"]
+
+
+def _bets_by_condition(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean bets on each state and on "knows exactly", per model × source × (access, observed) condition."""
+    rows = []
+    exp1 = analysis.usable_exp1(table)
+    sources = {
+        "exp1": (exp1, [f"exp1_Bet_{k}" for k in STATES], exp1["exp1_Knowledge_A"].map({"yes": 100.0, "no": 0.0})),
+        "exp2": (table, [f"exp2_bet_{k}" for k in STATES], table["exp2_knowledge_p_yes"] * 100.0),
+    }
+    for source, (frame, bet_columns, knows) in sources.items():
+        frame = frame.assign(knows=pd.Series(knows, index=frame.index, dtype="float64"))
+        frame = frame.dropna(subset=[bet_columns[0]])
+        for (model, access, observed), group in frame.groupby(["model", "access", "observed"]):
+            rows.append(
+                {
+                    "model": model,
+                    "source": source,
+                    "access": int(access),
+                    "observed": int(observed),
+                    "n_trials": len(group),
+                    **{f"bet_{k}": float(group[c].astype("float64").mean()) for k, c in zip(STATES, bet_columns)},
+                    "bet_knows_exactly": float(group["knows"].mean()),
+                }
+            )
+    columns = ["model", "source", "access", "observed", "n_trials", *[f"bet_{k}" for k in STATES], "bet_knows_exactly"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _findings(bets: pd.DataFrame, human: dict) -> pd.DataFrame:
+    rows = []
+    cells = {(r.model, r.source, r.access, r.observed): r for r in bets.itertuples(index=False)}
+    for model, source in sorted({(m, s) for m, s, _, _ in cells}):
+        for access, observed, a, b, people_more_on_a, wording in IMPLICATURE_TESTS:
+            cell = cells.get((model, source, access, observed))
+            difference = getattr(cell, f"bet_{a}") - getattr(cell, f"bet_{b}") if cell else float("nan")
+            rows.append(
+                {
+                    "model": model,
+                    "source": source,
+                    "access": access,
+                    "observed": observed,
+                    "comparison": f"bet on {a} minus bet on {b}",
+                    "people": wording,
+                    "model_difference": difference,
+                    "agrees_with_people": (difference > 0) == people_more_on_a if cell else pd.NA,
+                }
+            )
+        for complete, label in ((False, "partial_access_mean"), (True, "complete_access_mean")):
+            mine = bets[(bets.model == model) & (bets.source == source) & ((bets.access == 3) == complete)]
+            people = human["exp2_knowledge_bets"][label]
+            rows.append(
+                {
+                    "model": model,
+                    "source": source,
+                    "access": 3 if complete else pd.NA,
+                    "observed": pd.NA,
+                    "comparison": f"bet that the speaker knows exactly, {'complete' if complete else 'partial'} access",
+                    "people": f"mean bet {people}",
+                    "model_difference": float((mine.bet_knows_exactly * mine.n_trials).sum() / mine.n_trials.sum())
+                    - people
+                    if len(mine)
+                    else float("nan"),
+                    "agrees_with_people": pd.NA,
+                }
+            )
+    return pd.DataFrame(rows).astype({"access": "Int64", "observed": "Int64", "agrees_with_people": "boolean"})
+
+
+def _plot(bets: pd.DataFrame) -> bytes:
+    conditions = sorted({(int(a), int(o)) for a, o in zip(bets.access, bets.observed)})
+    figure, axes = plt.subplots(1, max(len(conditions), 1), figsize=(3 * max(len(conditions), 1), 3), sharey=True)
+    axes = [axes] if len(conditions) <= 1 else axes
+    for axis, (access, observed) in zip(axes, conditions):
+        cell = bets[(bets.access == access) & (bets.observed == observed)]
+        for row in cell.itertuples(index=False):
+            axis.plot(STATES, [getattr(row, f"bet_{k}") for k in STATES], marker="o", label=f"{row.model} {row.source}")
+        axis.set_title(f"looked at {access}, said {observed}", fontsize=9)
+        axis.set_xticks(STATES)
+        axis.set_xlabel("state (how many)")
+    axes[0].set_ylabel("mean bet ($)")
+    analysis.legend(figure)
+    figure.suptitle("Study 1: bets on each state after the utterance, by speaker access", fontsize=10, y=1.03)
+    return analysis.png(figure)
+
+
+def analyze(inp: AnalysisInput) -> Analysis:
+    table = analysis.model_trial_table(inp, EXP1_COLUMNS, EXP2_COLUMNS)
+    # Experiment 2 reads each state's chance separately; rescaled to 100 dollars they compare with the bets.
+    means = table[[f"exp2_state{k}_mean" for k in STATES]].astype("float64")
+    for k in STATES:
+        table[f"exp2_bet_{k}"] = 100.0 * means[f"exp2_state{k}_mean"] / means.sum(axis=1, min_count=len(STATES))
+    bets = _bets_by_condition(table)
+    findings = _findings(bets, analysis.reference_json("gs2013_reported_stats.json"))
+    tests = findings.dropna(subset=["agrees_with_people"])
+    agreement = {
+        f"{m} {s}": f"{int(g.agrees_with_people.sum())}/{len(g)}" for (m, s), g in tests.groupby(["model", "source"])
+    }
+    return Analysis(
+        table=table,
+        comparisons={"bets_by_condition": bets, "findings": findings},
+        figures={"bets_by_condition": _plot(bets)} if len(bets) else {},
+        metadata={"implicature_tests_agreeing_with_people": agreement},
+    )
+
+
 STUDY = Study(
     name="study1",
     title="Knowledge and implicature",
@@ -96,4 +275,8 @@ STUDY = Study(
     full_size=300,
     exp1_messages=exp1_messages,
     exp2_questions=exp2_questions,
+    answer=Answer,
+    parse_answer=parse_answer,
+    answer_task=ANSWER_TASK,
+    analyze=analyze,
 )

@@ -7,8 +7,14 @@ state (0-3 hearts); the answer is one of eight utterances "It was / It wasn't" �
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from grace_dagster.studies.base import Messages, Question, Study, Trial, user, value
+import matplotlib.pyplot as plt
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from grace_dagster.studies import analysis
+from grace_dagster.studies.base import Analysis, AnalysisInput, Messages, Question, Study, Trial, user, value
 from grace_dagster.studies.inputs import Column, int_in_range, one_of, text
 
 GOALS = ("informative", "social", "both")
@@ -23,7 +29,9 @@ def hearts(value: str) -> int:
     return int(match.group(1))
 
 
-UTTERANCES = tuple(f"It {neg} {word}" for neg in ("was", "wasn't") for word in ("terrible", "bad", "good", "amazing"))
+POLARITIES = ("was", "wasn't")
+ASSESSMENTS = ("terrible", "bad", "good", "amazing")
+UTTERANCES = tuple(f"It {neg} {word}" for neg in POLARITIES for word in ASSESSMENTS)
 NEGATED = tuple(i for i, u in enumerate(UTTERANCES) if u.startswith("It wasn't"))
 # The goal wordings of the original experiment, with the speaker (SP) and listener (LS) named.
 GOAL_WORDING = {
@@ -54,6 +62,150 @@ def exp2_questions(trial: Trial) -> list[Question]:
     return [Question(key="utterance", messages=user(_question(trial)), options=UTTERANCES, sums={"negation": NEGATED})]
 
 
+class Answer(BaseModel):
+    """A structured Experiment 1 answer: which of the eight utterances the speaker would say."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    polarity: Literal["was", "wasn't"] = Field(description="'was' or 'wasn't': whether the utterance is negated")
+    assessment: Literal["terrible", "bad", "good", "amazing"] = Field(description="the assessment word")
+
+    @computed_field
+    @property
+    def utterance(self) -> str:
+        return f"It {self.polarity} {self.assessment}"
+
+
+ANSWER_TASK = (
+    "The participant was told a story and asked what the speaker would most likely say, choosing one of: "
+    + ", ".join(UTTERANCES)
+    + "."
+)
+# "It was/wasn't [adverbs] <word>": the word is captured whatever it is, so an answer outside the eight utterances
+# is refused by the schema with its word named, rather than mapped to the nearest allowed one by a judge.
+_UTTERANCE = re.compile(
+    r"\bit\s+(was\s+not|wasn['’]t|was)\s+(?:(?:very|really|so|too|quite|pretty|rather|just|that|at\s+all)\s+)*"
+    r"([a-z]+)",
+    re.IGNORECASE,
+)
+
+
+def parse_answer(text: str) -> dict | None:
+    """The one utterance in the answer; None when there is none or several different ones (the judge reads it)."""
+    found = {
+        ("was" if polarity.lower() == "was" else "wasn't", word.lower()) for polarity, word in _UTTERANCE.findall(text)
+    }
+    if len(found) != 1:
+        return None
+    polarity, word = found.pop()
+    return {"polarity": polarity, "assessment": word}
+
+
+UTTERANCE_COLUMNS = {u: f"utterance_p_{re.sub(r'[^a-z0-9]+', '_', u.lower()).strip('_')}" for u in UTTERANCES}
+EXP1_COLUMNS = [*Answer.model_fields, "utterance", analysis.EXTRACTION_COLUMN]
+EXP2_COLUMNS = [*UTTERANCE_COLUMNS.values(), "utterance_p_negation"]
+
+
+def _distributions(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model × source × goal × state: the distribution over the 8 utterances and the share of negations.
+
+    exp1: how often each utterance was the extracted answer; exp2: the mean of the trials' exact distributions.
+    """
+    exp1 = analysis.usable_exp1(table)
+    exp1_counts = pd.get_dummies(exp1["exp1_utterance"].astype("string")).reindex(columns=UTTERANCES, fill_value=0)
+    exp2 = table.dropna(subset=["exp2_utterance_p_negation"])
+    sources = {
+        "exp1": pd.concat([exp1[["model", "Goal", "State"]], exp1_counts.astype("float64")], axis=1),
+        "exp2": exp2[["model", "Goal", "State"]].join(
+            exp2[[f"exp2_{c}" for c in UTTERANCE_COLUMNS.values()]].set_axis(UTTERANCES, axis=1).astype("float64")
+        ),
+    }
+    frames = []
+    for source, frame in sources.items():
+        grouped = frame.groupby(["model", "Goal", "State"])
+        cell = grouped[list(UTTERANCES)].mean()
+        cell.insert(0, "n_trials", grouped.size())
+        cell.insert(0, "source", source)
+        frames.append(cell.reset_index())
+    cells = pd.concat(frames, ignore_index=True)
+    cells["p_negation"] = cells[[u for u in UTTERANCES if u.startswith("It wasn't")]].sum(axis=1)
+    return cells.rename(columns={"Goal": "goal", "State": "state_hearts"})
+
+
+def _compare(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cell-by-cell comparison with people, and per model × source the correlation and RMSE."""
+    negation = analysis.reference_csv("yoon2020_human_negation_by_goal_state.csv")
+    utterances = analysis.reference_csv("yoon2020_human_utterance_distribution_by_goal_state.csv")
+    merged = cells.merge(
+        negation[["goal", "state_hearts", "prop_negation", "ci95_low_wilson", "ci95_high_wilson"]],
+        on=["goal", "state_hearts"],
+        how="left",
+    ).rename(columns={"prop_negation": "human_p_negation"})
+    human_long = utterances.melt(["goal", "state_hearts", "n"], UTTERANCES, "utterance", "human_p")
+    model_long = cells.melt(["model", "source", "goal", "state_hearts"], UTTERANCES, "utterance", "model_p")
+    paired = model_long.merge(human_long, on=["goal", "state_hearts", "utterance"], how="left")
+    rows = []
+    for (model, source), group in merged.groupby(["model", "source"]):
+        distribution = paired[(paired.model == model) & (paired.source == source)]
+        neg = analysis.fit(group["p_negation"], group["human_p_negation"])
+        dist = analysis.fit(distribution["model_p"], distribution["human_p"])
+        rows.append(
+            {
+                "model": model,
+                "source": source,
+                "n_trials": int(group["n_trials"].sum()),
+                "cells": neg["n"],
+                "negation_r": neg["r"],
+                "negation_rmse": neg["rmse"],
+                "distribution_values": dist["n"],
+                "distribution_r": dist["r"],
+                "distribution_rmse": dist["rmse"],
+            }
+        )
+    return merged, pd.DataFrame(rows)
+
+
+def _plot(merged: pd.DataFrame) -> bytes:
+    human = analysis.reference_csv("yoon2020_human_negation_by_goal_state.csv")
+    figure, axes = plt.subplots(1, len(GOALS), figsize=(10, 3.2), sharey=True)
+    for axis, goal in zip(axes, GOALS):
+        people = human[human.goal == goal].sort_values("state_hearts")
+        axis.errorbar(
+            people.state_hearts,
+            people.prop_negation,
+            yerr=[people.prop_negation - people.ci95_low_wilson, people.ci95_high_wilson - people.prop_negation],
+            color="black",
+            marker="s",
+            label="people (Yoon et al. 2020)",
+        )
+        for (model, source), group in merged[merged.goal == goal].groupby(["model", "source"]):
+            group = group.sort_values("state_hearts")
+            axis.plot(group.state_hearts, group.p_negation, marker="o", label=f"{model} {source}")
+        axis.set_title(f"goal: {goal}", fontsize=9)
+        axis.set_xticks([0, 1, 2, 3])
+        axis.set_xlabel("true state (hearts)")
+    axes[0].set_ylabel("proportion of negated utterances")
+    analysis.legend(figure)
+    figure.suptitle("Study 2: negation by goal and true state, models against people", fontsize=10, y=1.03)
+    return analysis.png(figure)
+
+
+def analyze(inp: AnalysisInput) -> Analysis:
+    table = analysis.model_trial_table(inp, EXP1_COLUMNS, EXP2_COLUMNS)
+    cells = _distributions(table)
+    merged, fits = _compare(cells)
+    return Analysis(
+        table=table,
+        comparisons={"by_goal_state": merged, "fit_by_model": fits},
+        figures={"negation_by_goal_state": _plot(merged)} if len(merged) else {},
+        metadata={
+            f"{r.model} {r.source}": f"negation r={r.negation_r:.2f} rmse={r.negation_rmse:.3f}; "
+            f"utterances r={r.distribution_r:.2f} rmse={r.distribution_rmse:.3f} ({r.n_trials} trials)"
+            for r in fits.itertuples(index=False)
+        },
+    )
+
+
 STUDY = Study(
     name="study2",
     title="Polite speech",
@@ -73,4 +225,8 @@ STUDY = Study(
     full_size=2424,
     exp1_messages=exp1_messages,
     exp2_questions=exp2_questions,
+    answer=Answer,
+    parse_answer=parse_answer,
+    answer_task=ANSWER_TASK,
+    analyze=analyze,
 )
