@@ -13,6 +13,7 @@ def default_resources() -> dict[str, object]:
             data_dir=os.environ.get("GRACE_DATA_DIR", "data"),
             input_dir=os.environ.get("GRACE_INPUT_DIR") or None,
         ),
-        "llm": LLMEndpoints(),
+        # local: embedded servers on this machine; k8s: the models' vLLM Deployments (set on the cluster).
+        "llm": LLMEndpoints(mode=os.environ.get("GRACE_ENDPOINTS", "local")),
         "settings": ExperimentSettings(),
     }

@@ -2,8 +2,16 @@
 
 - local (default): the embedded server, one child process per model on 127.0.0.1, started on first use, health-
   checked, and stopped when the resource is torn down (end of the run or step).
-- external models (registry `serving.backend: external`): their fixed base URL and an API key from the environment.
-- k8s: the model's vLLM Deployment on the NRP (the Kubernetes endpoint issue).
+- external models (registry `serving.backend: external`): their fixed base URL and an API key from the environment,
+  in either mode.
+- k8s: a vLLM model's Deployment on the NRP is brought up through the Kubernetes API (`grace_dagster.k8s.cluster`)
+  after the admission check (`grace_dagster.k8s.admission`: NRP policy, namespace GPU quota, per-user limit of
+  concurrent GPU-backed runs), and its Service URL is handed out once `/v1/models` lists the model. Embedded models
+  still run as a child process wherever the step runs (a small CPU model needs no Deployment).
+
+In k8s mode nothing is scaled down at teardown: under the multiprocess and k8s executors resources are set up and
+torn down once per step, so a scale-down there would reload the weights for every step. Idle models are scaled to 0
+by the `scale_idle_models` sensor (grace_dagster/sensors.py).
 """
 
 import os
@@ -12,13 +20,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import (
+    ConfigurableResource,
+    DagsterInstance,
+    DagsterLogManager,
+    DagsterRunStatus,
+    InitResourceContext,
+    RunsFilter,
+)
 from pydantic import Field, PrivateAttr
 
+from grace_dagster.k8s.admission import (
+    DEFAULT_USER_GPU_RUN_LIMIT,
+    TAG_USER,
+    ActiveRun,
+    Governance,
+    is_gpu_backed,
+    run_model,
+    user_limit,
+)
+from grace_dagster.k8s.cluster import IdleReport, ModelCluster, api_client, service_url
+from grace_dagster.k8s.conventions import NAMESPACE
 from grace_dagster.llm import LLMClient
 from grace_dagster.registry import Model, Registry, load_registry
-from grace_dagster.registry.loader import EmbeddedServing, ExternalServing
+from grace_dagster.registry.loader import EmbeddedServing, ExternalServing, VllmServing
 from grace_dagster.serving.process import EmbeddedServer
+
+# A run holds its GPU-backed model from launch until it ends; these are the statuses in between.
+RUNNING_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+# A model is still needed while a run that will use it waits in the queue or is being cancelled (its steps are
+# still executing until the cancellation lands).
+ACTIVE_STATUSES = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    *RUNNING_STATUSES,
+    DagsterRunStatus.CANCELING,
+]
 
 
 class EndpointError(RuntimeError):
@@ -35,25 +72,78 @@ class Endpoint:
 class LLMEndpoints(ConfigurableResource):
     """Where each model is served. Secrets are read from the environment and never logged."""
 
-    mode: Literal["local"] = Field(default="local", description="local: embedded llama.cpp servers on this machine")
+    mode: Literal["local", "k8s"] = Field(
+        default="local",
+        description="local: embedded llama.cpp servers on this machine; k8s: vLLM Deployments on the cluster",
+    )
     registry_path: str | None = Field(default=None, description="model registry (default: the packaged one)")
     max_concurrency: int = Field(default=4, description="concurrent requests per endpoint")
     startup_timeout: float = Field(default=180.0, description="seconds to wait for a server to become healthy")
     log_dir: str | None = Field(default=None, description="where embedded servers write their logs")
     base_urls: dict[str, str] = Field(
         default_factory=dict,
-        description="slug -> base URL of a server you run yourself (e.g. `grace serve`); used instead of starting one",
+        description=(
+            "slug -> base URL of a server you run yourself (e.g. `grace serve`), used instead of starting one; in k8s "
+            "mode, for a vLLM model, where to reach its Service from here (e.g. a `kubectl port-forward`), the "
+            "Deployment is still brought up"
+        ),
+    )
+    # k8s mode
+    namespace: str = Field(default=NAMESPACE, description="k8s: namespace of the model Deployments")
+    kubeconfig: str | None = Field(
+        default=None, description="k8s: kubeconfig file (default: in-cluster service account in a pod, else ~/.kube)"
+    )
+    kube_context: str | None = Field(default=None, description="k8s: kubeconfig context (default: the current one)")
+    api_host: str | None = Field(
+        default=None,
+        description="k8s: Kubernetes API URL used without credentials, e.g. `kubectl proxy` (http://127.0.0.1:8001)",
+    )
+    ready_timeout: float = Field(
+        default=3600.0,
+        description=(
+            "k8s: seconds from scale-up until the model is served (the first start downloads the weights, and the "
+            "startup probe alone allows 30 minutes for loading them)"
+        ),
+    )
+    poll_interval: float = Field(default=5.0, description="k8s: seconds between readiness polls")
+    user: str | None = Field(
+        default=None,
+        description=f"k8s: who runs this, for the per-user GPU limit (default: run tag {TAG_USER}, else $GRACE_USER)",
+    )
+    per_user_gpu_run_limit: int = Field(
+        default=DEFAULT_USER_GPU_RUN_LIMIT, ge=0, description="k8s: concurrent GPU-backed runs per user"
+    )
+    user_exceptions: dict[str, int] = Field(
+        default_factory=dict, description="k8s: user -> their own limit of concurrent GPU-backed runs"
     )
 
     _servers: dict[str, EmbeddedServer] = PrivateAttr(default_factory=dict)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _ready: dict[str, Endpoint] = PrivateAttr(default_factory=dict)
+    _model_locks: dict[str, threading.Lock] = PrivateAttr(default_factory=dict)
+    _cluster: ModelCluster | None = PrivateAttr(default=None)
+    _instance: DagsterInstance | None = PrivateAttr(default=None)
+    _run_id: str | None = PrivateAttr(default=None)
+    _run_tags: dict[str, str] = PrivateAttr(default_factory=dict)
+    _log: DagsterLogManager | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        # Admission counts the user's other runs in the instance, and must not count this run itself.
+        self._instance = context.instance
+        run = context.run
+        self._run_id = run.run_id if run is not None else None
+        self._run_tags = dict(run.tags) if run is not None else {}
+        self._log = context.log
 
     def registry(self) -> Registry:
         return load_registry(self.registry_path)
 
     def endpoint(self, slug: str) -> Endpoint:
-        model = self.registry().get(slug)
+        registry = self.registry()
+        model = registry.get(slug)
         serving = model.serving
+        if self.mode == "k8s" and isinstance(serving, VllmServing):
+            return self._cluster_endpoint(model, registry)
         if slug in self.base_urls:
             return Endpoint(model, self.base_urls[slug])
         if isinstance(serving, ExternalServing):
@@ -88,10 +178,88 @@ class LLMEndpoints(ConfigurableResource):
         return LLMClient(endpoint.base_url, endpoint.model.served_name, api_key=endpoint.api_key, **kwargs)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
+        # Embedded servers only: a model Deployment is never scaled down here (see the module docstring).
         self.stop_all()
+        with self._lock:
+            if self._cluster is not None:
+                self._cluster.api.close()
+                self._cluster = None
 
     def stop_all(self) -> None:
         with self._lock:
             for server in self._servers.values():
                 server.stop()
             self._servers.clear()
+
+    # --- k8s mode ------------------------------------------------------------------------------------------------
+
+    def cluster(self) -> ModelCluster:
+        with self._lock:
+            if self._cluster is None:
+                self._cluster = ModelCluster(
+                    api_client(self.api_host, self.kubeconfig, self.kube_context), self.namespace, log=self._info
+                )
+            return self._cluster
+
+    def _info(self, message: str) -> None:
+        if self._log is not None:
+            self._log.info(message)
+
+    def run_user(self) -> str | None:
+        return self.user or self._run_tags.get(TAG_USER) or os.environ.get("GRACE_USER") or None
+
+    def governance(self, registry: Registry) -> Governance:
+        user = self.run_user()
+        return Governance(
+            user=user,
+            user_limit=user_limit(user, self.per_user_gpu_run_limit, self.user_exceptions),
+            user_runs=tuple(self._other_gpu_runs(user, registry)) if user else (),
+            namespace=self.namespace,
+        )
+
+    def _other_gpu_runs(self, user: str, registry: Registry) -> list[ActiveRun]:
+        """The user's other started runs that hold a GPU-backed model (none when used outside a Dagster run)."""
+        if self._instance is None:
+            return []
+        runs = self._instance.get_runs(filters=RunsFilter(statuses=RUNNING_STATUSES, tags={TAG_USER: user}))
+        active = []
+        for run in runs:
+            slug = run_model(run.tags)
+            model = registry.by_slug.get(slug) if slug else None
+            if run.run_id != self._run_id and model is not None and is_gpu_backed(model):
+                active.append(ActiveRun(run.run_id, model.slug, run.status.value))
+        return active
+
+    def _cluster_endpoint(self, model: Model, registry: Registry) -> Endpoint:
+        with self._lock:
+            lock = self._model_locks.setdefault(model.slug, threading.Lock())
+        # One ensure-ready per model at a time; other models proceed in parallel.
+        with lock:
+            ready = self._ready.get(model.slug)
+            if ready is not None:
+                return ready
+            base_url = self.base_urls.get(model.slug) or service_url(model.slug, self.namespace)
+            self.cluster().ensure_ready(
+                model,
+                registry,
+                self.governance(registry),
+                base_url,
+                timeout=self.ready_timeout,
+                poll_interval=self.poll_interval,
+            )
+            endpoint = Endpoint(model, base_url)
+            self._ready[model.slug] = endpoint
+            return endpoint
+
+    def scale_idle_models(self, instance: DagsterInstance) -> IdleReport:
+        """Scale to 0 every model Deployment that no queued or running run of `instance` needs (the sensor's work)."""
+
+        def needed() -> dict[str, str]:
+            wanted: dict[str, str] = {}
+            for run in instance.get_runs(filters=RunsFilter(statuses=ACTIVE_STATUSES)):
+                slug = run_model(run.tags)
+                if slug:
+                    wanted.setdefault(slug, f"{run.run_id} ({run.status.value})")
+            return wanted
+
+        return self.cluster().scale_idle(self.registry(), needed)
