@@ -21,7 +21,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +29,8 @@ from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from grace_dagster.files import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = "grace-archive/1"
@@ -153,25 +154,16 @@ def create(
         raise ArchiveError(f"{data_dir} holds no output files: nothing to archive (is it the right --data-dir?)")
     root = PurePosixPath(out_path.name.removesuffix(".tar.gz").removesuffix(".tgz"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # gzip's own default level: level 9 costs far more time for little on Parquet.
-            with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT, compresslevel=6) as tar:
-                manifest = _write_members(tar, data_dir, files, root, now)
-                body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-                tar.addfile(_tar_info(str(root / MANIFEST), len(body), now.timestamp()), io.BytesIO(body))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out_path)
-        dir_fd = os.open(out_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    manifest: dict = {}
+
+    def write(tmp: Path) -> None:
+        # gzip's own default level: level 9 costs far more time for little on Parquet.
+        with tarfile.open(tmp, mode="w:gz", format=tarfile.PAX_FORMAT, compresslevel=6) as tar:
+            manifest.update(_write_members(tar, data_dir, files, root, now))
+            body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            tar.addfile(_tar_info(str(root / MANIFEST), len(body), now.timestamp()), io.BytesIO(body))
+
+    atomic_write(out_path, write)
     return out_path, manifest
 
 

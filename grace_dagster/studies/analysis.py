@@ -90,6 +90,14 @@ def legend(figure: plt.Figure) -> None:
     figure.legend(entries.values(), entries.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
+def finish(figure: plt.Figure, ylabel: str, title: str) -> bytes:
+    """Label the first panel, add the shared legend and the title, and render the figure as PNG."""
+    figure.axes[0].set_ylabel(ylabel)
+    legend(figure)
+    figure.suptitle(title, fontsize=10, y=1.03)
+    return png(figure)
+
+
 def png(figure: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")

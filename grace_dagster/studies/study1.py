@@ -228,10 +228,7 @@ def _plot(bets: pd.DataFrame) -> bytes:
         axis.set_title(f"looked at {access}, said {observed}", fontsize=9)
         axis.set_xticks(STATES)
         axis.set_xlabel("state (how many)")
-    axes[0].set_ylabel("mean bet ($)")
-    analysis.legend(figure)
-    figure.suptitle("Study 1: bets on each state after the utterance, by speaker access", fontsize=10, y=1.03)
-    return analysis.png(figure)
+    return analysis.finish(figure, "mean bet ($)", "Study 1: bets on each state after the utterance, by speaker access")
 
 
 def analyze(inp: AnalysisInput) -> Analysis:

@@ -184,10 +184,9 @@ def _plot(merged: pd.DataFrame) -> bytes:
         axis.set_title(f"goal: {goal}", fontsize=9)
         axis.set_xticks([0, 1, 2, 3])
         axis.set_xlabel("true state (hearts)")
-    axes[0].set_ylabel("proportion of negated utterances")
-    analysis.legend(figure)
-    figure.suptitle("Study 2: negation by goal and true state, models against people", fontsize=10, y=1.03)
-    return analysis.png(figure)
+    return analysis.finish(
+        figure, "proportion of negated utterances", "Study 2: negation by goal and true state, models against people"
+    )
 
 
 def analyze(inp: AnalysisInput) -> Analysis:
