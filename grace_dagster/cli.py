@@ -19,6 +19,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from grace_dagster.registry import load_registry
+    from grace_dagster.registry.loader import RegistryError
     from grace_dagster.runner import QUICK_TRIALS, print_summary, run_pipeline
     from grace_dagster.studies import STUDIES
 
@@ -27,9 +28,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     trial_limit = None if args.full else (args.trials or QUICK_TRIALS)
     profile = "full size" if trial_limit is None else f"quick profile: first {trial_limit} trials per study"
     print(f"grace run: {', '.join(models)} on {', '.join(args.studies or STUDIES)} ({profile})", file=sys.stderr)
-    reports = run_pipeline(DagsterInstance.get(), models, args.studies or list(STUDIES), args.experiments, trial_limit)
+    try:
+        reports = run_pipeline(
+            DagsterInstance.get(), models, args.studies or list(STUDIES), args.experiments, trial_limit
+        )
+    except RegistryError as error:
+        print(f"grace run: {error}", file=sys.stderr)
+        return 2
     print_summary(reports)
-    return 0 if all(r.success and not r.blocking_failures for r in reports) else 1
+    # A run stopped by a blocking check did its job (the summary says why); an exception or a bad input did not.
+    return 1 if any(r.errored for r in reports) else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -13,8 +13,8 @@ from grace_dagster.assets import common, gate
 from grace_dagster.assets.exp2 import EXP2_CHECKS, exp2_probabilities, wide_path
 from grace_dagster.assets.partitions import model_partitions, model_study_partitions
 from grace_dagster.assets.structured import STRUCTURED_CHECKS, exp1_structured, structured_path
-from grace_dagster.resources import Storage
 from grace_dagster.files import atomic_write
+from grace_dagster.resources import Storage
 from grace_dagster.studies import STUDIES, Study
 from grace_dagster.studies import analysis as study_analysis
 from grace_dagster.studies.base import AnalysisInput

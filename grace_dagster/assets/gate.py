@@ -44,14 +44,14 @@ def verdict(instance: DagsterInstance, asset_key: AssetKey, partition: str, bloc
         record = records.get(AssetCheckKey(asset_key, name))
         evaluation = record.evaluation if record is not None else None
         if record is None or record.status == AssetCheckExecutionRecordStatus.PLANNED or evaluation is None:
-            problems.append(f"{name} has no result for this partition")
+            problems.append(f"{name} has no result for this partition (materialize it with its checks)")
         elif record.status == AssetCheckExecutionRecordStatus.FAILED:
             problems.append(f"{name} failed (run {record.run_id[:8]})")
         elif (
             evaluation.target_materialization_data is None
             or evaluation.target_materialization_data.storage_id != latest
         ):
-            problems.append(f"{name} passed on an earlier materialization, not on the latest one")
+            problems.append(f"{name} passed on an earlier materialization, not the latest (run the check again)")
     if problems:
-        return Verdict(False, "refused: " + "; ".join(problems) + ". Rematerialize it with its checks.")
+        return Verdict(False, "refused: " + "; ".join(problems))
     return Verdict(True, "ok")
