@@ -66,9 +66,9 @@ def onboarded(tmp_path_factory, servers):
         for study in STUDIES:  # the first model, materialized before the second is added
             pipeline.run(instance, res, exp1_responses.key, FIRST, study)
 
+        _registry_with(registry, [FIRST, ADDED])  # the researcher adds one registry entry, then turns the sensor on
         started = dev.graphql(START_SENSOR, {"selector": {**dev.repository, "sensorName": "onboard_new_models"}})
         assert started["startSensor"]["__typename"] == "Sensor", started
-        _registry_with(registry, [FIRST, ADDED])  # the researcher adds one registry entry
 
         deadline = time.monotonic() + 900
         runs = []
