@@ -28,6 +28,7 @@ class PartitionReport:
     outputs: dict[str, str] = field(default_factory=dict)
     checks: list[tuple[str, bool, str, str]] = field(default_factory=list)  # (name, passed, severity, evidence)
     notes: list[str] = field(default_factory=list)
+    failed_steps: list[str] = field(default_factory=list)  # step keys that failed, check steps included
     error: str | None = None
 
     @property
@@ -36,8 +37,11 @@ class PartitionReport:
 
     @property
     def errored(self) -> bool:
-        """Failed for another reason than a blocking check (an exception, a bad input)."""
-        return not self.success and not self.blocking_failures
+        """A step failed for another reason than a blocking check (an exception, a bad input)."""
+        check_steps = [name for name, passed, _, _ in self.checks if not passed]
+        return any(not any(step.endswith(name) for name in check_steps) for step in self.failed_steps) or (
+            not self.success and not self.failed_steps
+        )
 
 
 def _error_message(result) -> str:
@@ -120,7 +124,8 @@ def _report(model: str, study: str, result) -> PartitionReport:
         report.checks.append(
             (evaluation.check_name, evaluation.passed, evaluation.severity.value, ", ".join(numbers[:4]))
         )
-    if not result.success:
+    report.failed_steps = [event.step_key for event in result.all_events if event.is_step_failure]
+    if report.errored:
         report.error = _error_message(result)
     return report
 
@@ -129,7 +134,7 @@ def print_summary(reports: list[PartitionReport]) -> None:
     print("\nSummary")
     for r in reports:
         blocked = r.blocking_failures
-        status = "ok" if r.success else f"stopped by blocking check(s): {', '.join(blocked)}" if blocked else "FAILED"
+        status = "FAILED" if r.errored else f"stopped by blocking check(s): {', '.join(blocked)}" if blocked else "ok"
         print(f"  {r.model} × {r.study}: {status}")
         for asset_name, path in sorted(r.outputs.items()):
             print(f"    {asset_name}: {path}")
@@ -140,13 +145,13 @@ def print_summary(reports: list[PartitionReport]) -> None:
                 print(f"      {severity} {name}: {evidence}")
         for note in r.notes:
             print("    " + note.replace("\n", "\n    "))
-        if r.error and not blocked:
+        if r.error:
             print(f"    error: {r.error.splitlines()[0]}")
     blocked = sum(bool(r.blocking_failures) for r in reports)
     if blocked:
         print(
             f"\n{blocked} run(s) stopped by a blocking check: their outputs are written but the analysis does not use "
-            "them. With the tiny local models, extraction_rate_at_least_threshold is expected to fail: they rarely "
-            "answer in the requested format (README, 'The experiments')."
+            "them. With the tiny local models, extraction_rate_at_least_threshold is expected to fail (they rarely "
+            "answer in the requested format: README, 'The experiments'); any other blocking failure needs a look."
         )
     print("Open the UI (make ui) to see every check's evidence; CSVs for R are under data/csv/.")

@@ -2,8 +2,9 @@
 
 Onboarding: adding a model is one registry entry. `onboard_new_models` notices a participant the instance has no
 partition for, adds its `model` partition and requests one run per study of every experiment asset, as the UI's
-backfill dialog would by hand. Only models the endpoint mode can serve are onboarded (in local mode the embedded
-ones), so a cluster model in the registry never starts runs that could only fail on a laptop.
+backfill dialog would by hand. In local mode only embedded models are onboarded, so a cluster model in the
+registry never starts runs that could only fail on a laptop (a model you serve yourself through `base_urls` is
+run with `grace run --models`). Nothing is requested until every study's inputs are validated (`study_trials`).
 
 Scaling down:
 The NRP flags GPUs idle below 40% utilisation, and a vLLM server holds its GPUs for as long as its Deployment is
@@ -14,6 +15,7 @@ starting, started or being cancelled keeps its model up.
 """
 
 from dagster import (
+    AssetRecordsFilter,
     AssetSelection,
     DefaultSensorStatus,
     MultiPartitionKey,
@@ -24,11 +26,12 @@ from dagster import (
     sensor,
 )
 
-from grace_dagster.assets import EXPERIMENT_ASSETS
+from grace_dagster.assets import EXPERIMENT_ASSETS, study_trials
 from grace_dagster.assets.common import run_tags
 from grace_dagster.assets.partitions import model_partitions
 from grace_dagster.registry.loader import EmbeddedServing
 from grace_dagster.resources.endpoints import LLMEndpoints
+from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import STUDIES
 
 EXPERIMENT_KEYS = [a.key for assets in EXPERIMENT_ASSETS.values() for a in assets]
@@ -53,6 +56,18 @@ def onboard_new_models(context: SensorEvaluationContext, llm: LLMEndpoints) -> S
     ]
     if not new:
         return SkipReason(f"every participant servable in {llm.mode} mode has its partition ({len(known)} models)")
+    unvalidated = [
+        s
+        for s in STUDIES
+        if not context.instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=study_trials.key, asset_partitions=[s]), limit=1
+        ).records
+    ]
+    if unvalidated:
+        return SkipReason(
+            f"{', '.join(new)} waiting: materialize study_trials for {', '.join(unvalidated)} first (the inputs are "
+            "validated before any model is asked)"
+        )
     context.log.info(f"onboarding {', '.join(new)}: {len(new) * len(STUDIES)} runs requested")
     return SensorResult(
         run_requests=[
@@ -81,13 +96,13 @@ IDLE_CHECK_SECONDS = 300
         "grace/model run tag), so idle GPUs go back to the cluster. Never launches runs."
     ),
 )
-def scale_idle_models(context: SensorEvaluationContext, llm: LLMEndpoints) -> SkipReason:
+def scale_idle_models(context: SensorEvaluationContext, llm: LLMEndpoints, settings: ExperimentSettings) -> SkipReason:
     if llm.mode != "k8s":
         return SkipReason(
             f"the llm resource is in {llm.mode!r} mode: models are served on this machine and stopped with their run, "
             "so there is no Deployment to scale down (this sensor only acts in k8s mode)"
         )
-    report = llm.scale_idle_models(context.instance)
+    report = llm.scale_idle_models(context.instance, judge=settings.judge_model)
     context.log.info(report.summary())
     # The sensor acts on the cluster, not by launching runs: every tick ends as a skip that says what it did.
     return SkipReason(f"namespace {llm.namespace}: {report.summary()}")

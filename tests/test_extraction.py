@@ -129,9 +129,12 @@ def _check_context(study, **settings):
 
 
 def _structured(rows: list[dict], study) -> pd.DataFrame:
-    columns = [*study.answer.model_fields, "extraction", "failure_reason", "judge_audit", "judge_audit_answer"]
+    """A structured table with the asset's columns and dtypes (Int64 and string, with NA)."""
+    columns = [*study.answer_dtypes, "extraction", "failure_reason", "judge_audit", "judge_audit_answer"]
     table = pd.DataFrame(rows).reindex(columns=["trial_id", *columns, "response"])
-    return table.astype({c: "string" for c in ("extraction", "failure_reason", "judge_audit")})
+    return table.astype(
+        {**study.answer_dtypes, **{c: "string" for c in ("extraction", "failure_reason", "judge_audit")}}
+    )
 
 
 def test_schema_check_refuses_stored_answers_that_violate_the_schema():
@@ -148,9 +151,34 @@ def test_schema_check_refuses_stored_answers_that_violate_the_schema():
     assert "less than or equal to 100" in problems["t2"] and "add up to 90" in problems["t3"]
     assert "without its reason" in problems["t4"]
 
-    words = [{"trial_id": "t1", "polarity": "was", "assessment": "fantastic", "extraction": "judge"}]
+    words = [
+        {
+            "trial_id": "t1",
+            "polarity": "was",
+            "assessment": "fantastic",
+            "utterance": "It was fantastic",
+            "extraction": "judge",
+        },
+        {
+            "trial_id": "t2",
+            "polarity": "was",
+            "assessment": "good",
+            "utterance": "It wasn't terrible",
+            "extraction": "parser",
+        },
+        {"trial_id": "t3", "utterance": "It was good", "extraction": "failed", "failure_reason": "empty answer"},
+        {
+            "trial_id": "t4",
+            "polarity": "wasn't",
+            "assessment": "bad",
+            "utterance": "It wasn't bad",
+            "extraction": "parser",
+        },
+    ]
     outcome = answers_comply_with_schema(_structured(words, STUDY2), _check_context(STUDY2))
-    assert not outcome.passed and "assessment" in outcome.worst["problem"].iloc[0]
+    problems = dict(zip(outcome.worst["trial_id"], outcome.worst["problem"]))
+    assert not outcome.passed and set(problems) == {"t1", "t2", "t3"}
+    assert "assessment" in problems["t1"] and "disagree" in problems["t2"] and "utterance" in problems["t3"]
 
 
 def test_extraction_rate_check_uses_the_configured_threshold():

@@ -5,6 +5,7 @@ Every partition read passes the cross-run gate first (`gate.py`); refused partit
 """
 
 import base64
+import sys
 
 import pandas as pd
 from dagster import AssetExecutionContext, AssetsDefinition, Failure, MaterializeResult, MetadataValue, asset
@@ -24,7 +25,7 @@ SOURCES = {
     "exp1": (exp1_structured, gate.blocking_check_names(exp1_structured.key, STRUCTURED_CHECKS), structured_path),
     "exp2": (exp2_probabilities, gate.blocking_check_names(exp2_probabilities.key, EXP2_CHECKS), wide_path),
 }
-CODE_VERSION = common.code_version(study_analysis)
+CODE_VERSION = common.code_version(study_analysis, gate, sys.modules[__name__])
 
 
 def analysis_asset(study: Study) -> AssetsDefinition:
@@ -51,8 +52,10 @@ def analysis_asset(study: Study) -> AssetsDefinition:
                     tables[source][model] = storage.read_table(path(storage, part))
                 elif verdict.status != "not materialized":
                     context.log.warning(f"{study.name}: {model} {source} {verdict.status}")
-                gate_rows.append({"model": model, "experiment": source, "status": verdict.status})
-        gates = pd.DataFrame(gate_rows, columns=["model", "experiment", "status"])
+                trials = len(tables[source][model]) if verdict.usable else pd.NA
+                gate_rows.append({"model": model, "experiment": source, "trials": trials, "status": verdict.status})
+        # Models run with different trial limits sit side by side here: the trials column says how many each has.
+        gates = pd.DataFrame(gate_rows, columns=["model", "experiment", "trials", "status"])
         if not any(tables.values()):
             raise Failure(
                 description=f"nothing to analyse for {study.name}: no model × {study.name} partition is materialized "

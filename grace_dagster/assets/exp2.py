@@ -1,7 +1,6 @@
 """Experiment 2: exact probability distributions over each question's allowed answers, from log-probabilities."""
 
 import math
-import re
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,7 @@ from grace_dagster.llm import prompting, scoring
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import ID_COLUMN, Study
-from grace_dagster.studies.base import Question
+from grace_dagster.studies.base import Question, option_slug
 
 SUM_TOLERANCE = 1e-6
 
@@ -26,10 +25,6 @@ def probabilities_path(storage: Storage, part: common.Partition):
 
 def wide_path(storage: Storage, part: common.Partition):
     return storage.path("exp2", "wide", part.model, f"{part.study.name}.parquet")
-
-
-def option_slug(option: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", option.lower()).strip("_")
 
 
 def long_table(records: list[dict]) -> pd.DataFrame:

@@ -1,26 +1,29 @@
 """Experiment 1, structured: each free-text answer in the study's answer schema, with how it was read.
 
-Materialized in the same run as the raw responses (the runner and backfills select both), so the responses'
-blocking checks stop it there; its own blocking checks stop the analysis in the same run, and the analysis gate
-(`assets/gate.py`) refuses a failed partition in any later run.
+Meant to be materialized in the same run as the raw responses (the runner and the onboarding sensor select both),
+so the responses' blocking checks stop it there; in a later run it asks the gate (`assets/gate.py`) itself. Its own
+blocking checks stop the analysis in the same run, and the analysis's gate refuses a failed partition in any later
+run.
 """
 
 import hashlib
+import sys
 
 import pandas as pd
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
-from grace_dagster.assets import common
+from grace_dagster.assets import common, gate
 from grace_dagster.assets.batches import model_request_key, run_checkpointed
 from grace_dagster.assets.checks import CheckContext, CheckOutcome, table_check
-from grace_dagster.assets.exp1 import exp1_responses, responses_path
+from grace_dagster.assets.exp1 import EXP1_CHECKS, exp1_responses, responses_path
 from grace_dagster.assets.partitions import model_study_partitions
 from grace_dagster.llm import extraction
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import ID_COLUMN
 
-CODE_VERSION = common.code_version(extraction)
+CODE_VERSION = common.code_version(extraction, sys.modules[__name__])
+RESPONSES_BLOCKING = gate.blocking_check_names(exp1_responses.key, EXP1_CHECKS)
 METHOD_COLUMNS = ["extraction", "failure_reason", "judge_attempts", "judge_audit", "judge_audit_answer"]
 
 
@@ -52,6 +55,10 @@ def exp1_structured(
     """
     part = common.partition(context)
     study = part.study
+    # The gate holds for this asset too when it is materialized in a later run than the responses.
+    verdict = gate.verdict(context.instance, exp1_responses.key, context.partition_key, RESPONSES_BLOCKING)
+    if not verdict.usable:
+        raise Failure(f"exp1/responses {part.label} is not usable: {verdict.status}")
     responses = storage.read_table(responses_path(storage, part))
     judge_model = llm.registry().get(settings.judge_model)
     if judge_model.kind != "instruct":
@@ -149,16 +156,21 @@ def _audit_verdict(audit: extraction.Extraction, parser: extraction.Extraction) 
 
 
 def answers_comply_with_schema(table: pd.DataFrame, check: CheckContext) -> CheckOutcome:
-    """Re-validates every stored answer against the study's schema, independently of how it was extracted."""
+    """Re-validates every stored answer against the study's schema, independently of how it was extracted, and its
+    derived columns (study 2's utterance) against the fields they derive from."""
     fields = list(check.study.answer.model_fields)
     problems = []
     for row in table.itertuples(index=False):
         method = row.extraction
         values = {f: _plain(getattr(row, f)) for f in fields}
         if method in ("parser", "judge"):
-            problem = extraction.validate(check.study.answer, values)[1]
+            valid, problem = extraction.validate(check.study.answer, values)
+            computed = {f: _plain(getattr(row, f)) for f in check.study.answer.model_computed_fields}
+            if valid is not None and any(valid[f] != v for f, v in computed.items()):
+                problem = f"stored {computed} disagree with the answer's fields"
         elif method == "failed":
-            given = [f for f, v in values.items() if v is not None]
+            stored = fields + list(check.study.answer.model_computed_fields)
+            given = [f for f in stored if _plain(getattr(row, f)) is not None]
             problem = f"a failed row carries values in {given}" if given else None
             problem = problem or (None if _plain(row.failure_reason) else "a failed row without its reason")
         else:

@@ -65,7 +65,7 @@ def read_answer(
     """
     if finish_reason == "length":
         return Extraction("failed", None, "the answer was cut off at max_tokens (finish_reason 'length')")
-    if not text or not text.strip():
+    if not isinstance(text, str) or not text.strip():
         return Extraction("failed", None, "empty answer")
     parsed = parse(text)
     if parsed is None:

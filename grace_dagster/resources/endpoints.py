@@ -251,15 +251,19 @@ class LLMEndpoints(ConfigurableResource):
             self._ready[model.slug] = endpoint
             return endpoint
 
-    def scale_idle_models(self, instance: DagsterInstance) -> IdleReport:
-        """Scale to 0 every model Deployment that no queued or running run of `instance` needs (the sensor's work)."""
+    def scale_idle_models(self, instance: DagsterInstance, judge: str | None = None) -> IdleReport:
+        """Scale to 0 every model Deployment that no queued or running run of `instance` needs (the sensor's work).
+
+        Runs are tagged with their partition's model only; the structured-extraction judge serves every run's
+        extraction, so it counts as needed while any run is active.
+        """
 
         def needed() -> dict[str, str]:
             wanted: dict[str, str] = {}
             for run in instance.get_runs(filters=RunsFilter(statuses=ACTIVE_STATUSES)):
-                slug = run_model(run.tags)
-                if slug:
-                    wanted.setdefault(slug, f"{run.run_id} ({run.status.value})")
+                for slug in (run_model(run.tags), judge):
+                    if slug:
+                        wanted.setdefault(slug, f"{run.run_id} ({run.status.value})")
             return wanted
 
         return self.cluster().scale_idle(self.registry(), needed)

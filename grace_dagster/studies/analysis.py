@@ -46,8 +46,10 @@ def model_trial_table(inp: AnalysisInput, exp1_columns: list[str], exp2_columns:
             parts.append(exp2[[c for c in factors if c in exp2]].join(exp2[exp2_columns].add_prefix("exp2_")))
         joined = parts[0]
         for part in parts[1:]:
-            on = [c for c in factors if c in joined and c in part]
-            joined = joined.merge(part, on=on, how="outer", validate="one_to_one")
+            # Joined on the trial id alone: the factors come from the same validated trials, but optional ones that
+            # an input lacks are typed differently by each experiment's table.
+            part = part.drop(columns=[c for c in factors if c != ID_COLUMN and c in joined])
+            joined = joined.merge(part, on=ID_COLUMN, how="outer", validate="one_to_one")
         joined.insert(0, "model", model)
         frames.append(joined)
     table = pd.concat(frames, ignore_index=True)
@@ -59,9 +61,9 @@ def model_trial_table(inp: AnalysisInput, exp1_columns: list[str], exp2_columns:
         **{f"exp1_{c}": exp1_dtypes[c] for c in exp1_columns},
         **{f"exp2_{c}": "float64" for c in exp2_columns},
     }
-    for column in dtypes:
-        if column not in table:
-            table[column] = pd.NA  # an experiment no model passed: the documented column is still there
+    for column, dtype in dtypes.items():
+        if column not in table:  # an experiment no model passed: the documented column is still there, empty
+            table[column] = pd.Series(index=table.index, dtype=dtype)
     return table.astype(dtypes)
 
 

@@ -3,6 +3,7 @@ paths in the assets."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,11 @@ class Analysis:
     comparisons: dict[str, pd.DataFrame]  # name -> table comparing models with the human results
     figures: dict[str, bytes]  # name -> PNG
     metadata: dict[str, Any] = field(default_factory=dict)  # headline numbers
+
+
+def option_slug(option: str) -> str:
+    """An answer option as part of a column name: "It wasn't bad" -> "it_wasn_t_bad", "40%" -> "40"."""
+    return re.sub(r"[^a-z0-9]+", "_", option.lower()).strip("_")
 
 
 def user(text: str) -> Messages:

@@ -107,9 +107,10 @@ ANSWER_TASK = (
     "3; (3) whether the speaker knows exactly how many (yes or no). They were asked to reply as "
     "'Prior: <0-3> / Bets: 0: <dollars>, 1: <dollars>, 2: <dollars>, 3: <dollars> / Knowledge: <yes or no>'."
 )
-_PRIOR = re.compile(r"\bprior\s*[:=]\s*\**\s*(\d+)", re.IGNORECASE)
+# Numbers are captured with any decimals so that the schema, not the regex, refuses "2.5" or "10.5 dollars".
+_PRIOR = re.compile(r"\bprior\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _BETS_LINE = re.compile(r"\bbets?\s*[:=](.*)", re.IGNORECASE)
-_BET = re.compile(r"\b([0-3])\s*[:=]\s*\$?\s*(\d+)")
+_BET = re.compile(r"\b(\d+)\s*[:=]\s*\$?\s*(\d+(?:\.\d+)?)")
 _KNOWLEDGE = re.compile(r"\bknowledge\s*[:=]\s*\**\s*(yes|no)\b", re.IGNORECASE)
 
 
@@ -130,7 +131,7 @@ def parse_answer(text: str) -> dict | None:
     if prior is None or knowledge is None or len({tuple(sorted(b.items())) for b in bet_lines}) != 1:
         return None
     bets = bet_lines[0]
-    return {"Prior_A": int(prior), **{f"Bet_{k}": int(bets[str(k)]) for k in STATES}, "Knowledge_A": knowledge}
+    return {"Prior_A": prior, **{f"Bet_{k}": bets[str(k)] for k in STATES}, "Knowledge_A": knowledge}
 
 
 # The paper's implicature tests (its experiment 2, the design of these trials): in the condition (access, observed),

@@ -14,7 +14,17 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from grace_dagster.studies import analysis
-from grace_dagster.studies.base import Analysis, AnalysisInput, Messages, Question, Study, Trial, user, value
+from grace_dagster.studies.base import (
+    Analysis,
+    AnalysisInput,
+    Messages,
+    Question,
+    Study,
+    Trial,
+    option_slug,
+    user,
+    value,
+)
 from grace_dagster.studies.inputs import Column, int_in_range, one_of, text
 
 GOALS = ("informative", "social", "both")
@@ -84,8 +94,8 @@ ANSWER_TASK = (
 # "It was/wasn't [adverbs] <word>": the word is captured whatever it is, so an answer outside the eight utterances
 # is refused by the schema with its word named, rather than mapped to the nearest allowed one by a judge.
 _UTTERANCE = re.compile(
-    r"\bit\s+(was\s+not|wasn['’]t|was)\s+(?:(?:very|really|so|too|quite|pretty|rather|just|that|at\s+all)\s+)*"
-    r"([a-z]+)",
+    r"\bit\s+(was\s+not|wasn['’]t|was)[\s,]+(?:(?:a|an|the|very|really|so|too|quite|pretty|rather|just|that|at\s+all)"
+    r"[\s,]+)*([a-z]+)",
     re.IGNORECASE,
 )
 
@@ -101,7 +111,7 @@ def parse_answer(text: str) -> dict | None:
     return {"polarity": polarity, "assessment": word}
 
 
-UTTERANCE_COLUMNS = {u: f"utterance_p_{re.sub(r'[^a-z0-9]+', '_', u.lower()).strip('_')}" for u in UTTERANCES}
+UTTERANCE_COLUMNS = {u: f"utterance_p_{option_slug(u)}" for u in UTTERANCES}
 EXP1_COLUMNS = [*Answer.model_fields, "utterance", analysis.EXTRACTION_COLUMN]
 EXP2_COLUMNS = [*UTTERANCE_COLUMNS.values(), "utterance_p_negation"]
 
