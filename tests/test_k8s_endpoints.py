@@ -37,6 +37,7 @@ from grace_dagster.k8s.conventions import NAMESPACE, deployment_name
 from grace_dagster.k8s.manifests import load_manifests
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
 from grace_dagster.resources.endpoints import LLMEndpoints
+from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.sensors import scale_idle_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,14 +437,18 @@ def test_a_run_without_a_user_is_refused(cluster, monkeypatch):
 # --- the idle-model sensor ---------------------------------------------------------------------------------------
 
 
+JUDGE = "deepseek-r1-distill-qwen-32b"  # the cluster's judge: no run is tagged with it, every run may need it
+
+
 def _evaluate_sensor(instance, llm: LLMEndpoints):
     """One tick of the sensor, as the daemon runs it (resources set up and torn down around the evaluation)."""
-    with build_sensor_context(instance=instance, resources={"llm": llm}) as context:
+    resources = {"llm": llm, "settings": ExperimentSettings(judge_model=JUDGE)}
+    with build_sensor_context(instance=instance, resources=resources) as context:
         return scale_idle_models(context)
 
 
 def test_sensor_scales_idle_models_to_zero_and_keeps_those_runs_need(cluster, instance):
-    for slug in ("gemma-2-2b", "gemma-2-9b", "gpt-oss-20b", "gpt-oss-120b", "gemma-2-27b"):
+    for slug in ("gemma-2-2b", "gemma-2-9b", "gpt-oss-20b", "gpt-oss-120b", "gemma-2-27b", JUDGE):
         cluster.set_replicas(deployment_name(slug), 1)
     _add_run(instance, "running", DagsterRunStatus.STARTED, **{"grace/model": "gemma-2-9b", "grace/user": "a"})
     _add_run(instance, "starting", DagsterRunStatus.STARTING, **{"grace/model": "gemma-2-27b"})
@@ -456,7 +461,7 @@ def test_sensor_scales_idle_models_to_zero_and_keeps_those_runs_need(cluster, in
 
     assert isinstance(result, SkipReason)
     assert sorted(cluster.scales) == [(deployment_name("gemma-2-2b"), 0), (deployment_name("gpt-oss-120b"), 0)]
-    for slug in ("gemma-2-9b", "gemma-2-27b", "gpt-oss-20b"):
+    for slug in ("gemma-2-9b", "gemma-2-27b", "gpt-oss-20b", JUDGE):
         assert cluster.replicas(deployment_name(slug)) == 1, f"{slug} is needed by a run and stays up"
     assert "scaled to 0: vllm-gemma-2-2b, vllm-gpt-oss-120b" in result.skip_message
     assert "vllm-gemma-2-9b (needed by run running (STARTED))" in result.skip_message
@@ -471,7 +476,7 @@ def test_sensor_scales_idle_models_to_zero_and_keeps_those_runs_need(cluster, in
         instance.report_run_failed(instance.get_run_by_id(run_id))
     _evaluate_sensor(instance, _k8s(cluster))
     assert sorted(cluster.scales) == sorted(
-        (deployment_name(s), 0) for s in ("gemma-2-9b", "gemma-2-27b", "gpt-oss-20b")
+        (deployment_name(s), 0) for s in ("gemma-2-9b", "gemma-2-27b", "gpt-oss-20b", JUDGE)
     )
     assert all(cluster.replicas(deployment_name(m.slug)) == 0 for m in REGISTRY.models if m.serving.backend == "vllm")
 
