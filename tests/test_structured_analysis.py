@@ -43,9 +43,9 @@ DOCUMENTED = {
 def test_extraction_rates_are_reported_and_the_analysis_tables_compare_with_people(tmp_path, servers):
     (tmp_path / "home").mkdir()
     instance = DagsterInstance.local_temp(tempdir=str(tmp_path / "home"))
-    res = pipeline.resources(tmp_path, trial_limit=4, max_tokens=64, base_urls={MODEL: servers(MODEL).base_url})
+    res = pipeline.resources(tmp_path, trial_limit=2, max_tokens=64, base_urls={MODEL: servers(MODEL).base_url})
     # The tiny model rarely follows the answer format; a threshold of 0 lets its extracted rows into the analysis.
-    res["settings"] = ExperimentSettings(trial_limit=4, max_tokens=64, min_extraction_rate=0.0, judge_audit_size=2)
+    res["settings"] = ExperimentSettings(trial_limit=2, max_tokens=64, min_extraction_rate=0.0, judge_audit_size=2)
     pipeline.prepare(instance, res, [MODEL])
     experiment_keys = [a.key for assets in EXPERIMENT_ASSETS.values() for a in assets]
     for study in ("study1", "study2"):
@@ -59,9 +59,9 @@ def test_extraction_rates_are_reported_and_the_analysis_tables_compare_with_peop
         meta = pipeline.metadata(result, AssetKey(["exp1", "structured"]))
         table = pd.read_parquet(tmp_path / "data" / "exp1" / "structured" / MODEL / f"{study}.parquet")
         counts = table["extraction"].value_counts()
-        assert meta["rows"] == len(table) == 4
-        assert meta["extraction_rate"] == round((counts.get("parser", 0) + counts.get("judge", 0)) / 4, 4)
-        assert meta["judge_share"] == round(counts.get("judge", 0) / 4, 4)
+        assert meta["rows"] == len(table) == 2
+        assert meta["extraction_rate"] == round((counts.get("parser", 0) + counts.get("judge", 0)) / 2, 4)
+        assert meta["judge_share"] == round(counts.get("judge", 0) / 2, 4)
         assert meta["judge_model"] == MODEL and "judge_requests_made" in meta
         assert (tmp_path / "data" / "csv" / f"{MODEL}_{study}_structured.csv").exists()
         checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
@@ -74,7 +74,7 @@ def test_extraction_rates_are_reported_and_the_analysis_tables_compare_with_peop
     for study, documented in DOCUMENTED.items():
         table = pd.read_parquet(tmp_path / "data" / "analysis" / f"{study}.parquet")
         assert {c: str(table[c].dtype) for c in documented} == documented
-        assert set(table["model"]) == {MODEL} and len(table) == 4
+        assert set(table["model"]) == {MODEL} and len(table) == 2
         assert pd.read_csv(tmp_path / "data" / "csv" / f"analysis_{study}.csv").shape == table.shape
         meta = pipeline.metadata(result, AssetKey(["analysis", study]))
         plots = [v for k, v in meta.items() if k.startswith("plot_")]
@@ -82,7 +82,7 @@ def test_extraction_rates_are_reported_and_the_analysis_tables_compare_with_peop
         assert "| ok " in meta["partitions_read_and_refused"]
     fits = pd.read_parquet(tmp_path / "data" / "analysis" / "study2_fit_by_model.parquet")
     exp2 = fits[fits.source == "exp2"].iloc[0]
-    assert exp2.cells == 4 and 0 <= exp2.negation_rmse <= 1 and -1 <= exp2.distribution_r <= 1
+    assert exp2.cells == 2 and 0 <= exp2.negation_rmse <= 1 and -1 <= exp2.distribution_r <= 1
     meta = pipeline.metadata(result, AssetKey(["analysis", "study2"]))
     assert f"{MODEL} exp2" in meta and "negation r=" in meta[f"{MODEL} exp2"]
     findings = pd.read_parquet(tmp_path / "data" / "analysis" / "study1_findings.parquet")

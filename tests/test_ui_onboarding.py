@@ -110,6 +110,7 @@ def test_a_model_added_to_the_registry_is_backfilled_across_every_study_and_expe
 
 @pytest.mark.slow
 def test_the_ui_shows_the_graph_the_partition_grid_and_a_check_with_its_metadata(onboarded):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
     dev, _, _ = onboarded
@@ -119,21 +120,28 @@ def test_the_ui_shows_the_graph_the_partition_grid_and_a_check_with_its_metadata
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
 
-        page.goto(f"{dev.url}/asset-groups", wait_until="networkidle")
-        skip = page.get_by_role("button", name="Skip")  # the first visit's newsletter dialog
-        if skip.count():
-            skip.click()
+        def visit(path: str) -> None:
+            page.goto(f"{dev.url}{path}", wait_until="networkidle")
+            # The first visit's newsletter dialog can open after the page has loaded, over what the test clicks.
+            skip = page.get_by_role("button", name="Skip")
+            try:
+                skip.wait_for(state="visible", timeout=3_000)
+                skip.click()
+            except PlaywrightTimeout:
+                pass
+
+        visit("/asset-groups")
         for group in ("inputs", "exp1", "exp2", "analysis"):
             expect(page.get_by_text(group, exact=True).first).to_be_visible()
         page.screenshot(path=ARTIFACTS / "asset-graph.png")
 
-        page.goto(f"{dev.url}/assets/exp1/responses?view=partitions", wait_until="networkidle")
+        visit("/assets/exp1/responses?view=partitions")
         expect(page.get_by_text("Materialized (4)")).to_be_visible()
         for key in (FIRST, ADDED, *STUDIES):
             expect(page.get_by_text(key, exact=True).first).to_be_visible()
         page.screenshot(path=ARTIFACTS / "partition-grid.png")
 
-        page.goto(f"{dev.url}/assets/exp1/structured?view=checks", wait_until="networkidle")
+        visit("/assets/exp1/structured?view=checks")
         page.locator("text=/extraction_rate/ >> visible=true").first.click()
         expect(page.get_by_text("Evaluation result")).to_be_visible()
         for field in ("extraction_rate", "threshold", "by_parser", "by_judge", "failed"):
