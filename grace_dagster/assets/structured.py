@@ -8,6 +8,7 @@ run.
 
 import hashlib
 import sys
+from dataclasses import dataclass
 
 import pandas as pd
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
@@ -29,6 +30,42 @@ METHOD_COLUMNS = ["extraction", "failure_reason", "judge_attempts", "judge_audit
 
 def structured_path(storage: Storage, part: common.Partition):
     return storage.path("exp1", "structured", part.model, f"{part.study.name}.parquet")
+
+
+@dataclass(frozen=True)
+class ExtractionCounts:
+    """How a structured table's answers were read: what the asset reports and its checks judge."""
+
+    rows: int
+    extracted: int
+    parser: int
+    judge: int
+    failed: int
+    audited: int
+    agreed: int
+
+    @classmethod
+    def of(cls, table: pd.DataFrame) -> "ExtractionCounts":
+        counts = table["extraction"].value_counts()
+        audit = table["judge_audit"].dropna()
+        return cls(
+            rows=len(table),
+            extracted=int((table["extraction"] != "failed").sum()),
+            parser=int(counts.get("parser", 0)),
+            judge=int(counts.get("judge", 0)),
+            failed=int(counts.get("failed", 0)),
+            audited=len(audit),
+            agreed=int((audit == "agree").sum()),
+        )
+
+    @property
+    def rate(self) -> float:
+        return self.extracted / max(self.rows, 1)
+
+    @property
+    def judge_accuracy(self) -> float | None:
+        """The share of audited rows the judge read as the parser did; None when none was audited."""
+        return self.agreed / self.audited if self.audited else None
 
 
 def audit_sample(trial_ids: list[str], size: int, seed: int) -> list[str]:
@@ -122,24 +159,24 @@ def exp1_structured(
 
     csv = storage.path("csv", f"{part.model}_{study.name}_structured.csv")
     parquet, _ = storage.write_table(table, structured_path(storage, part), csv)
-    counts = table["extraction"].value_counts()
-    n = max(len(table), 1)
-    audit = table["judge_audit"].dropna()
+    counts = ExtractionCounts.of(table)
+    n = max(counts.rows, 1)
+    accuracy = counts.judge_accuracy
     context.log.info(
-        f"structured {part.label}: {counts.get('parser', 0)} parser, {counts.get('judge', 0)} judge, "
-        f"{counts.get('failed', 0)} failed of {len(table)}"
+        f"structured {part.label}: {counts.parser} parser, {counts.judge} judge, "
+        f"{counts.failed} failed of {counts.rows}"
     )
     return MaterializeResult(
         metadata={
             **outcome.metadata(prefix="judge_"),
             "study": study.name,
             "rows": len(table),
-            "extraction_rate": round(float((table["extraction"] != "failed").sum()) / n, 4),
-            "parser_share": round(counts.get("parser", 0) / n, 4),
-            "judge_share": round(counts.get("judge", 0) / n, 4),
-            "failed": int(counts.get("failed", 0)),
-            "judge_audited": len(audit),
-            "judge_accuracy": round(float((audit == "agree").mean()), 4) if len(audit) else "n/a (no row to audit)",
+            "extraction_rate": round(counts.rate, 4),
+            "parser_share": round(counts.parser / n, 4),
+            "judge_share": round(counts.judge / n, 4),
+            "failed": counts.failed,
+            "judge_audited": counts.audited,
+            "judge_accuracy": round(accuracy, 4) if accuracy is not None else "n/a (no row to audit)",
             "csv": MetadataValue.path(str(csv)),
             "parquet": MetadataValue.path(str(parquet)),
             "preview": MetadataValue.md(
@@ -186,18 +223,17 @@ def answers_comply_with_schema(table: pd.DataFrame, check: CheckContext) -> Chec
 
 def extraction_rate(table: pd.DataFrame, check: CheckContext) -> CheckOutcome:
     threshold = check.settings.min_extraction_rate
-    counts = table["extraction"].value_counts()
-    rate = float((table["extraction"] != "failed").sum()) / max(len(table), 1)
+    counts = ExtractionCounts.of(table)
     reasons = table.loc[table["extraction"] == "failed", "failure_reason"].str.split(":").str[0].value_counts()
     return CheckOutcome(
-        passed=len(table) > 0 and rate >= threshold,
+        passed=counts.rows > 0 and counts.rate >= threshold,
         metadata={
-            "extraction_rate": round(rate, 4),
+            "extraction_rate": round(counts.rate, 4),
             "threshold": threshold,
-            "rows": len(table),
-            "by_parser": int(counts.get("parser", 0)),
-            "by_judge": int(counts.get("judge", 0)),
-            "failed": int(counts.get("failed", 0)),
+            "rows": counts.rows,
+            "by_parser": counts.parser,
+            "by_judge": counts.judge,
+            "failed": counts.failed,
             "failure_reasons": MetadataValue.json({str(k): int(v) for k, v in reasons.items()}),
         },
     )
@@ -218,18 +254,18 @@ def judged_and_failed_rows(table: pd.DataFrame, _: CheckContext) -> CheckOutcome
 def judge_agrees_with_parser(table: pd.DataFrame, check: CheckContext) -> CheckOutcome:
     """Schema-valid is not correct: on rows the parser read, how often does the judge read the same answer?"""
     threshold = check.settings.min_judge_accuracy
+    counts = ExtractionCounts.of(table)
+    accuracy = counts.judge_accuracy
     audit = table.dropna(subset=["judge_audit"])
-    judged = int((table["extraction"] == "judge").sum())
-    accuracy = float((audit["judge_audit"] == "agree").mean()) if len(audit) else None
     # Without audited rows the accuracy is unknown: fine when the judge decided nothing, a warning when it did.
-    passed = judged == 0 if accuracy is None else accuracy >= threshold
+    passed = counts.judge == 0 if accuracy is None else accuracy >= threshold
     return CheckOutcome(
         passed=passed,
         metadata={
             "judge_accuracy": round(accuracy, 4) if accuracy is not None else "unknown (no parser-read row audited)",
-            "audited": len(audit),
+            "audited": counts.audited,
             "threshold": threshold,
-            "rows_decided_by_judge": judged,
+            "rows_decided_by_judge": counts.judge,
         },
         worst=audit.loc[audit["judge_audit"] != "agree", [ID_COLUMN, "judge_audit", "judge_audit_answer", "response"]],
     )
