@@ -36,10 +36,10 @@ async def bare_loop(base_url: str, settings: ExperimentSettings) -> float:
                 prompting.generate_answer(
                     client,
                     "instruct",
-                    STUDIES[STUDY].exp1_messages(t),
+                    [{"role": "user", "content": STUDIES[STUDY].exp1_prompts(t)[0]}],  # study 2 has one turn
                     max_tokens=settings.max_tokens,
                     temperature=settings.temperature,
-                    seed=trial_seed(settings.seed, t.trial_id),
+                    seed=trial_seed(settings.seed, t.trial_id),  # the asset's first turn uses this seed
                 )
                 for t in trials.itertuples(index=False)
             )

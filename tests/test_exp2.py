@@ -18,12 +18,14 @@ from grace_dagster.assets.checks import CheckContext
 from grace_dagster.assets.exp2 import (
     captured_mass_reported,
     every_trial_and_question_scored,
+    options_of,
     probabilities_sum_to_one,
     probabilities_within_unit_interval,
     summaries,
 )
 from grace_dagster.assets.partitions import model_study_partitions
 from grace_dagster.llm.prompting import plain_text
+from grace_dagster.llm.scoring import AnswerScores, OptionScores
 from grace_dagster.registry import load_registry
 from grace_dagster.resources import ExperimentSettings
 from grace_dagster.serving.engine import N_UBATCH
@@ -57,12 +59,13 @@ class BruteForce:
             Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>") if template else None
         )
 
-    def context_and_options(self, question: Question) -> tuple[str, list[str], bool]:
+    def context_and_forms(self, question: Question) -> tuple[str, list[list[str]], bool]:
+        """The context, each option's surface forms as continuations, and whether to add BOS."""
         if self.kind == "instruct":
             # An independent rendering: llama-cpp-python's own Jinja formatter, ChatML's own end-of-turn.
             context = self.chat(messages=question.messages).prompt
-            return context, [o + CHATML_END_OF_TURN for o in question.options], False
-        return plain_text(question.messages), [f" {o}\n" for o in question.options], True
+            return context, [[f + CHATML_END_OF_TURN for f in forms] for forms in question.variants], False
+        return plain_text(question.messages), [[f" {f}\n" for f in forms] for forms in question.variants], True
 
     def logprob(self, context: str, option: str, add_bos: bool) -> float:
         context_ids = self.llm.tokenize(context.encode(), add_bos=add_bos, special=True)
@@ -79,10 +82,10 @@ class BruteForce:
         return total
 
     def distribution(self, question: Question) -> np.ndarray:
-        context, options, add_bos = self.context_and_options(question)
-        lps = np.array([self.logprob(context, o, add_bos) for o in options])
-        weights = np.exp(lps - lps.max())
-        return weights / weights.sum()
+        """Each option's probability: its forms' probabilities summed, renormalized over the options."""
+        context, forms, add_bos = self.context_and_forms(question)
+        mass = np.array([sum(math.exp(self.logprob(context, f, add_bos)) for f in option) for option in forms])
+        return mass / mass.sum()
 
 
 def _total_variation(p: np.ndarray, q: np.ndarray) -> float:
@@ -96,7 +99,8 @@ def _total_variation(p: np.ndarray, q: np.ndarray) -> float:
     ids=["smollm2-chat-no-bos-digit-options-study1", "gemma-base-bos-study2"],
 )
 def test_asset_distributions_match_brute_force_llama_cpp(tmp_path, servers, slug, study_name):
-    """20 trials of each study. The brute force evaluates every option with its full context from an empty cache,
+    """20 trials of each study. The brute force evaluates every form of every option with its full context from an
+    empty cache,
     configured like the server (same ubatch size: "computed the same way"); the asset shares each question's
     context across its options. Their total variation is the engine's batch-split noise on the shared path, which
     the ubatch-aligned cut makes zero; it is measured and reported. For study 1 the brute force covers one question
@@ -118,8 +122,10 @@ def test_asset_distributions_match_brute_force_llama_cpp(tmp_path, servers, slug
         questions = study.exp2_questions(trial)
         states = questions[:-1] or questions
         question = states[(i // 4) % len(states)] if i % 4 == 0 else questions[-1]
-        rows = table[(table.trial_id == trial.trial_id) & (table.question == question.key)].sort_values("option_index")
+        forms = table[(table.trial_id == trial.trial_id) & (table.question == question.key)]
+        rows = options_of(forms).sort_values("option_index")
         assert list(rows.option) == list(question.options)
+        assert forms.groupby("option", sort=False)["variant"].apply(tuple).tolist() == list(question.variants)
         reference = brute.distribution(question)
         shared_tv.append(_total_variation(rows.probability.to_numpy(), reference))
     print(
@@ -244,3 +250,17 @@ def test_summaries_of_known_distributions():
     utterance = STUDIES["study2"].exp2_questions(next(STUDIES["study2"].load().itertuples(index=False)))[0]
     p = np.array([0.1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1, 0.1])
     assert summaries(utterance, p)["p_negation"] == pytest.approx(0.6)
+
+
+def test_each_answer_is_scored_in_its_surface_forms_and_merged_per_answer():
+    """Hand-computed: "yes" holds 0.2 + 0.1 + 0.05 + 0.05 over its forms, "no" 0.1 + 0.1 + 0 + 0."""
+    yes_no = Question("knowledge", [], ("yes", "no"))
+    assert yes_no.variants == (("yes", "yes.", "Yes", "Yes."), ("no", "no.", "No", "No."))
+    assert Question("state0", [], ("40%",)).variants == (("40%", "40%."),)
+    flat = [form for forms in yes_no.variants for form in forms]
+    logprobs = [math.log(p) for p in (0.2, 0.1, 0.05, 0.05, 0.1, 0.1)] + [-math.inf, -math.inf]
+    scores = AnswerScores.merge(OptionScores.from_logprobs(flat, logprobs, [1] * 8), [4, 4])
+    assert scores.captured_mass == pytest.approx(0.6)
+    assert scores.probabilities == pytest.approx([0.4 / 0.6, 0.2 / 0.6])
+    assert scores.logprobs == pytest.approx([math.log(0.4), math.log(0.2)])
+    assert scores.variant_logprobs[0][1] == pytest.approx(math.log(0.1)) and scores.variants[1][2] == "No"

@@ -20,12 +20,12 @@ from tests import pipeline
 from tests.dagster_dev import DagsterDev, new_home
 
 MODEL = "smollm2-135m"
-OUTSIDE_THE_SCHEMA = {
+OUTSIDE_THE_SCHEMA = {  # each trial's replies, by turn
     "study1": [
-        "Prior: 2\nBets: 0: 140, 1: 0, 2: 0, 3: 0\nKnowledge: yes",  # a bet of 140
-        "Prior: 1\nBets: 0: 10, 1: 20, 2: 40, 3: 20\nKnowledge: no",  # bets summing to 90
+        {"prior": "2", "bets": "0: 140, 1: 0, 2: 0, 3: 0", "knowledge": "yes"},  # a bet of 140
+        {"prior": "1", "bets": "0: 10, 1: 20, 2: 40, 3: 20", "knowledge": "no"},  # bets summing to 90
     ],
-    "study2": ["It was fantastic!", "It wasn't superb."],  # unknown assessment words
+    "study2": [{"utterance": "It was fantastic!"}, {"utterance": "It wasn't superb."}],  # unknown assessment words
 }
 
 
@@ -51,8 +51,10 @@ def test_schema_violations_fail_the_blocking_check_and_the_analysis_does_not_mat
             assert pipeline.run(instance, res, exp1_responses.key, MODEL, study).success
             path = data / "exp1" / "responses" / MODEL / f"{study}.parquet"
             responses = pd.read_parquet(path)
-            responses["response"] = list(itertools.islice(itertools.cycle(answers), len(responses)))
-            responses["finish_reason"] = "stop"
+            replies = list(itertools.islice(itertools.cycle(answers), len(responses)))
+            for turn in replies[0]:
+                responses[f"response_{turn}"] = [reply[turn] for reply in replies]
+                responses[f"finish_reason_{turn}"] = "stop"
             responses.to_parquet(path, index=False)
 
         partitions = [f"{MODEL}|study1", f"{MODEL}|study2"]

@@ -4,6 +4,7 @@ with the file, row and column named."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -153,3 +154,92 @@ def test_missing_file_is_named(tmp_path):
 def test_generators_are_deterministic():
     assert study1_rows() == study1_rows()
     assert study2_rows() == study2_rows()
+
+
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+def test_knowledge_question_is_derived_from_the_trial_for_all_54_original_stimuli(tmp_path):
+    """The group's files have no knowledgeQ column: it is built from the speaker's name (in `speech`) and the
+    referent (in `speechQ`) exactly as the original experiments asked it; access and the reported word likewise."""
+    original = pd.read_csv(FIXTURES / "gs2013_rendered_stimuli.csv")
+    assert len(original) == 54
+    bare = original.rename(columns={"setup": "story_setup"})[["story_setup", "priorQ", "speech", "speechQ"]]
+    bare.to_csv(tmp_path / "study1.csv", index=False)
+    table = STUDY1.load(tmp_path / "study1.csv")
+    assert table["knowledgeQ"].tolist() == original["knowledgeQ"].tolist()
+    assert (table["knowledgeQ_source"] == "derived").all()
+    assert table["access"].tolist() == original["access"].tolist()
+    said = table["quantifier"].fillna(table["observed"].astype("string"))
+    assert said.tolist() == [w.lower() for w in original["word"].astype(str)]
+
+
+def test_knowledge_question_falls_back_to_the_generic_wording_only_without_a_name(tmp_path):
+    path = tmp_path / "study1.csv"
+    path.write_text(
+        "story_setup,priorQ,speech,speechQ,knowledgeQ\n"
+        'Seeds sprout.,How many?,"The speaker says: ""I have looked at 2 of the 3 seeds. Two of the seeds have '
+        'sprouted.""",Now how many of the 3 seeds do you think have sprouted?,\n'
+        'Seeds sprout.,How many?,"Amaru calls: ""I have looked at 2 of the 3 seeds. Two of the seeds sprouted.""",'
+        "Now how many of the 3 seeds do you think have sprouted?,\n"
+    )
+    with pytest.raises(InputError, match="column 'knowledgeQ': expected non-empty text"):
+        STUDY1.load(path)  # a knowledgeQ column with blank cells is a mistake in the file, not a request to derive
+    bare = pd.read_csv(path).drop(columns="knowledgeQ")
+    bare.to_csv(path, index=False)
+    table = STUDY1.load(path)
+    assert table["knowledgeQ"].tolist() == [
+        "Do you think the speaker knows exactly how many of the 3 seeds have sprouted?",
+        "Do you think Amaru knows exactly how many of the 3 seeds have sprouted?",
+    ]
+    assert table["knowledgeQ_source"].tolist() == ["generic", "derived"]
+    assert table["observed"].tolist() == [2, 2], "a past-tense report ('sprouted') is read too"
+
+
+def test_study1_some_trials_are_read_as_a_quantifier_with_access():
+    table = STUDY1.load(FIXTURES / "study1_some_only.csv")
+    assert table["quantifier"].tolist() == ["some"] * 6 and table["observed"].isna().all()
+    assert table["access"].tolist() == [1, 3, 2, 3, 1, 2]
+    assert table["knowledgeQ"].iloc[4] == "Do you think Łucja knows exactly how many of the 3 starters have doubled?"
+
+
+def test_study2_names_come_from_the_scenario_when_there_are_no_name_columns():
+    table = STUDY2.load(FIXTURES / "study2_bare_columns.csv")
+    assert table["speaker"].tolist() == ["Amélie", "Amélie", "Bartłomiej", "Bartłomiej", "Ayşe", "Ayşe"]
+    assert table["listener"].tolist() == ["Søren", "Søren", "Chiara", "Chiara", "Nnamdi", "Nnamdi"]
+    assert table["State"].tolist() == [1, 3, 0, 2, 1, 2]
+
+
+def test_study2_prompt_does_not_repeat_a_state_the_scenario_already_gives():
+    trial = next(STUDY2.load(FIXTURES / "study2_bare_columns.csv").itertuples(index=False))
+    (prompt,) = STUDY2.exp1_prompts(trial)
+    assert prompt.count("out of 3 hearts") == 1 and "the speaker" not in prompt and "the listener" not in prompt
+    assert "If Amélie wanted to make Søren feel good" in prompt and "what would Amélie be most likely to say?" in prompt
+    # Without a stated state the prompt adds one, with the names of the file's columns.
+    sample = next(STUDY2.load().itertuples(index=False))
+    (prompt,) = STUDY2.exp1_prompts(sample)
+    assert f"on a scale of 0 to 3 hearts: {sample.State} out of 3 hearts." in prompt and sample.speaker in prompt
+
+
+def test_study2_scenario_stating_another_state_than_the_state_column_is_refused(tmp_path):
+    rows = pd.read_csv(FIXTURES / "study2_bare_columns.csv")
+    rows.loc[2, "State"] = "3"
+    rows.to_csv(tmp_path / "study2.csv", index=False)
+    with pytest.raises(InputError) as error:
+        STUDY2.load(tmp_path / "study2.csv")
+    assert "row 3, line 4, column 'Scenario': the scenario says 0 of 3 hearts but State is 3" in str(error.value)
+
+
+def test_study1_prior_is_asked_in_its_own_turn_before_the_utterance_is_shown():
+    trial = next(STUDY1.load().itertuples(index=False))
+    prior, bets, knowledge = STUDY1.exp1_prompts(trial)
+    utterance = trial.speech.split('"')[1]
+    assert trial.priorQ in prior and utterance not in prior and trial.speechQ not in prior
+    assert utterance in bets and trial.knowledgeQ not in bets
+    assert knowledge.startswith(trial.knowledgeQ) and utterance not in knowledge
+    assert [turn.key for turn in STUDY1.exp1_turns] == ["prior", "bets", "knowledge"]
+    questions = {q.key: q for q in STUDY1.exp2_questions(trial)}
+    assert (
+        questions["prior"].options == ("0", "1", "2", "3")
+        and utterance not in questions["prior"].messages[0]["content"]
+    )

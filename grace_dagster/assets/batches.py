@@ -16,12 +16,16 @@ from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.serving.weights import local_sha256
 
 Ask = Callable[[Any], Awaitable[dict]]
+# Given the client and the partition's checkpoint (for work that records its own steps, like a conversation's turns).
+MakeAsk = Callable[[LLMClient, Checkpoint], Ask]
 
 
-def model_request_key(experiment: str, code_version: str, model: Model, *request: Any) -> str:
-    """The checkpoint key of a request: everything that determines its answer, the model's identity and serving
-    settings included, so a changed model, prompt or code version is asked anew and nothing else ever twice."""
-    return request_key(experiment, code_version, model.served_name, model.weights_revision, model.serving, *request)
+def model_request_key(method: str, model: Model, *request: Any) -> str:
+    """The checkpoint key of a request: what determines its answer and nothing else. `method` names the experiment
+    and the version of how it asks (bumped on purpose when that changes in a way the request does not show); then
+    the model's identity and the exact request (messages or prompt, options, sampling parameters, seed). Source code
+    is not part of it: editing a plot or a check keeps every finished request."""
+    return request_key(method, model.slug, model.weights_revision, *request)
 
 
 @dataclass
@@ -58,7 +62,7 @@ def run_checkpointed(
     part: common.Partition,
     model: Model,
     jobs: dict[str, Any],
-    make_ask: Callable[[LLMClient], Ask],
+    make_ask: MakeAsk,
 ) -> BatchOutcome:
     """Run `jobs` (request key -> payload) against `model` (the partition's, or a judge), skipping those already in
     the partition's checkpoint for `experiment`.
@@ -82,7 +86,7 @@ def run_checkpointed(
             async def ask_all() -> ClientStats:
                 async with llm.client_for(endpoint) as client:
                     version = await client.version()
-                    ask = make_ask(client)
+                    ask = make_ask(client, checkpoint)
 
                     async def stamped(payload):
                         return {**await ask(payload), "server_version": version}

@@ -27,7 +27,7 @@ TRIALS_DEP = AssetDep(study_trials, partition_mapping=MultiToSingleDimensionPart
 
 def code_version(*modules) -> str:
     """Changes whenever the studies' prompts or the given modules change, so the UI marks outputs stale."""
-    study_modules = {inspect.getmodule(s.exp1_messages) for s in STUDIES.values()}
+    study_modules = {inspect.getmodule(s.exp1_prompts) for s in STUDIES.values()}
     digest = hashlib.sha256()
     for module in sorted(study_modules | set(modules), key=lambda m: m.__name__):
         digest.update(inspect.getsource(module).encode())

@@ -11,6 +11,7 @@ from grace_dagster.assets.batches import model_request_key, run_checkpointed
 from grace_dagster.assets.checks import CheckContext, CheckOutcome, table_check
 from grace_dagster.assets.partitions import model_study_partitions
 from grace_dagster.llm import prompting, scoring
+from grace_dagster.registry import Model
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import ID_COLUMN, Study
@@ -28,24 +29,50 @@ def wide_path(storage: Storage, part: common.Partition):
 
 
 def long_table(records: list[dict]) -> pd.DataFrame:
-    """One row per trial × question × option: raw log-probability, tokens, probability, captured mass."""
+    """One row per trial × question × option × surface form: the form's log-probability and tokens, and the
+    option's merged log-probability, renormalized probability and the question's captured mass (log-probabilities
+    in nats)."""
     rows = [
         {
             ID_COLUMN: r[ID_COLUMN],
             "question": r["question"],
             "option_index": i,
             "option": option,
+            "variant": variant,
+            "variant_logprob": variant_logprob,
+            "variant_n_tokens": n_tokens,
             "logprob": logprob,
-            "n_tokens": n_tokens,
             "probability": probability,
             "captured_mass": r["captured_mass"],
         }
         for r in records
-        for i, (option, logprob, n_tokens, probability) in enumerate(
-            zip(r["options"], r["logprobs"], r["n_tokens"], r["probabilities"])
+        for i, (option, forms, form_logprobs, form_tokens, logprob, probability) in enumerate(
+            zip(
+                r["options"],
+                r["variants"],
+                r["variant_logprobs"],
+                r["variant_tokens"],
+                r["logprobs"],
+                r["probabilities"],
+            )
         )
+        for variant, variant_logprob, n_tokens in zip(forms, form_logprobs, form_tokens)
     ]
-    return pd.DataFrame(rows).astype({"logprob": "float64", "probability": "float64", "captured_mass": "float64"})
+    return pd.DataFrame(rows).astype(
+        {"variant_logprob": "float64", "logprob": "float64", "probability": "float64", "captured_mass": "float64"}
+    )
+
+
+def _captured_mass_of_written_forms(long: pd.DataFrame) -> pd.Series:
+    """Per trial × question, the mass the options hold in the form the prompt wrote them (no other case, no
+    period): what the captured mass would be without scoring the surface forms."""
+    written = long[long["variant"] == long["option"]]
+    return np.exp(written["variant_logprob"]).groupby([written[ID_COLUMN], written["question"]]).sum()
+
+
+def options_of(long: pd.DataFrame) -> pd.DataFrame:
+    """The long table with one row per option (its surface forms folded away): what distributions are made of."""
+    return long.drop_duplicates([ID_COLUMN, "question", "option_index"])
 
 
 def summaries(question: Question, probabilities: np.ndarray) -> dict[str, float]:
@@ -66,7 +93,8 @@ def wide_table(study: Study, trials: pd.DataFrame, long: pd.DataFrame) -> pd.Dat
     """The R-facing table: one row per trial with every option's probability and each question's summaries."""
     prose = {c.name for c in study.columns if c.prose}
     keep = [c for c in trials.columns if c not in prose and c != "source_row"]
-    scored = {key: group.sort_values("option_index") for key, group in long.groupby([ID_COLUMN, "question"])}
+    options = options_of(long)
+    scored = {key: group.sort_values("option_index") for key, group in options.groupby([ID_COLUMN, "question"])}
     rows = []
     for trial in trials.itertuples(index=False):
         row = {c: getattr(trial, c) for c in keep}
@@ -83,6 +111,24 @@ def wide_table(study: Study, trials: pd.DataFrame, long: pd.DataFrame) -> pd.Dat
 
 
 CODE_VERSION = common.code_version(prompting, scoring)
+# Bump when how a question is scored changes in a way its messages and answer forms do not show (it keys the
+# checkpoint: every finished question is scored again).
+EXP2_METHOD = "exp2/option-scoring-v1"
+
+
+def question_jobs(
+    study: Study, trials: pd.DataFrame, model: Model
+) -> tuple[dict[str, Question], list[tuple[str, str]]]:
+    """The questions of a partition by checkpoint key, and (trial id, key) for every trial's questions in order.
+    Trials whose question is word for word the same share one request (scoring is deterministic)."""
+    jobs: dict[str, Question] = {}
+    asked: list[tuple[str, str]] = []
+    for trial in trials.itertuples(index=False):
+        for question in study.exp2_questions(trial):
+            key = model_request_key(EXP2_METHOD, model, question.messages, question.variants)
+            jobs[key] = question
+            asked.append((getattr(trial, ID_COLUMN), key))
+    return jobs, asked
 
 
 @asset(
@@ -99,33 +145,31 @@ def exp2_probabilities(
 ) -> MaterializeResult:
     """For every trial and question, the model's probability of each allowed answer (no sampling).
 
-    Each option's log-probability is summed over all its tokens in context (exact over the closed answer set),
-    all options of a question in one request; the raw log-probabilities and the captured mass are kept next to
-    the renormalized distribution. Trials whose question is word for word the same share one request (scoring
-    is deterministic). Writes a long Parquet table and the wide `{model}_{study}_probabilities.csv`.
+    Each option is scored in each of its surface forms ("yes", "Yes", "yes.", "Yes."): a form's log-probability is
+    summed over all its tokens in context (exact over the closed answer set), an option's is the log of its forms'
+    summed probability. All forms of a question go in one request; the raw log-probabilities (nats) and the captured
+    mass are kept next to the renormalized distribution. Trials whose question is word for word the same share one
+    request (scoring is deterministic). Writes a long Parquet table and the wide
+    `{model}_{study}_probabilities.csv` (entropies in bits).
     """
     part = common.partition(context)
     model = llm.registry().get(part.model)
     trials = common.load_trials(storage, settings, part.study)
 
-    jobs: dict[str, Question] = {}
-    asked: list[tuple[str, str]] = []  # (trial id, request key), in trial and question order
-    for trial in trials.itertuples(index=False):
-        for question in part.study.exp2_questions(trial):
-            key = model_request_key("exp2", CODE_VERSION, model, question.messages, question.options)
-            jobs[key] = question
-            asked.append((getattr(trial, ID_COLUMN), key))
+    jobs, asked = question_jobs(part.study, trials, model)
 
-    def make_ask(client):
+    def make_ask(client, _checkpoint):
         scorer = prompting.OptionScorer(client, model.kind)
 
         async def ask(question: Question):
-            scores = await scorer.score(question.messages, question.options)
+            scores = await scorer.score_answers(question.messages, question.variants)
             return {
                 "question": question.key,
-                "options": scores.options,
+                "options": list(question.options),
+                "variants": scores.variants,
+                "variant_logprobs": scores.variant_logprobs,
+                "variant_tokens": scores.variant_tokens,
                 "logprobs": scores.logprobs,
-                "n_tokens": scores.n_tokens,
                 "captured_mass": scores.captured_mass,
                 "probabilities": scores.probabilities,
             }
@@ -139,6 +183,7 @@ def exp2_probabilities(
     csv = storage.path("csv", f"{part.model}_{part.study.name}_probabilities.csv")
     storage.write_table(wide, wide_path(storage, part), csv)
     mass = long.groupby([ID_COLUMN, "question"])["captured_mass"].first()
+    written = _captured_mass_of_written_forms(long)
     return MaterializeResult(
         metadata={
             **outcome.metadata(),
@@ -147,9 +192,10 @@ def exp2_probabilities(
             "questions": len(asked),
             "distinct_questions": len(jobs),
             "trial_limit": settings.trial_limit if settings.trial_limit is not None else "all",
-            "prompts_sha256": common.digest([(q.messages, q.options) for q in jobs.values()]),
+            "prompts_sha256": common.digest([(q.messages, q.variants) for q in jobs.values()]),
             "captured_mass_median": float(mass.median()),
             "captured_mass_min": float(mass.min()),
+            "captured_mass_written_forms_median": float(written.median()),
             "wide_columns": len(wide.columns),
             "csv": MetadataValue.path(str(csv)),
             "parquet": MetadataValue.path(str(parquet)),
@@ -159,6 +205,7 @@ def exp2_probabilities(
 
 
 def probabilities_sum_to_one(table: pd.DataFrame, _: CheckContext) -> CheckOutcome:
+    table = options_of(table)
     # A NaN makes the sum NaN (skipna=False), and NaN > tolerance is False: count it as an infinite deviation.
     sums = table.groupby([ID_COLUMN, "question"])["probability"].sum(skipna=False)
     nan_groups = sums.index[sums.isna()]
@@ -182,6 +229,7 @@ def probabilities_sum_to_one(table: pd.DataFrame, _: CheckContext) -> CheckOutco
 def probabilities_within_unit_interval(table: pd.DataFrame, _: CheckContext) -> CheckOutcome:
     """Probabilities and captured mass in [0, 1]. The options are mutually exclusive continuations, so a captured
     mass above 1 can only come from misaligned option spans."""
+    table = options_of(table)
     p, mass = table["probability"], table["captured_mass"]
     outside = p.isna() | (p < 0) | (p > 1)
     mass_outside = mass.isna() | (mass < 0) | (mass > 1 + SUM_TOLERANCE)
@@ -199,7 +247,7 @@ def probabilities_within_unit_interval(table: pd.DataFrame, _: CheckContext) -> 
 
 
 def every_trial_and_question_scored(table: pd.DataFrame, check: CheckContext) -> CheckOutcome:
-    present = table.groupby([ID_COLUMN, "question"])["option"].apply(list).to_dict()
+    present = options_of(table).groupby([ID_COLUMN, "question"])["option"].apply(list).to_dict()
     missing, incomplete = [], []
     for trial in check.trials.itertuples(index=False):
         for question in check.study.exp2_questions(trial):

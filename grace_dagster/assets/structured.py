@@ -21,11 +21,14 @@ from grace_dagster.assets.partitions import model_study_partitions
 from grace_dagster.llm import extraction
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
-from grace_dagster.studies import ID_COLUMN
+from grace_dagster.studies import ID_COLUMN, Study
+from grace_dagster.studies.base import Turn
 
 CODE_VERSION = common.code_version(extraction, sys.modules[__name__])
+# Bump when how the judge is asked changes in a way its messages do not show (it keys the judge's checkpoint).
+JUDGE_METHOD = "exp1-judge/abstaining-v1"
 RESPONSES_BLOCKING = gate.blocking_check_names(exp1_responses.key, EXP1_CHECKS)
-METHOD_COLUMNS = ["extraction", "failure_reason", "judge_attempts", "judge_audit", "judge_audit_answer"]
+ROW = [ID_COLUMN, "sample"]  # one structured row per trial × sample
 
 
 def structured_path(storage: Storage, part: common.Partition):
@@ -41,6 +44,7 @@ class ExtractionCounts:
     parser: int
     judge: int
     failed: int
+    judge_abstained: int
     audited: int
     agreed: int
 
@@ -48,12 +52,14 @@ class ExtractionCounts:
     def of(cls, table: pd.DataFrame) -> "ExtractionCounts":
         counts = table["extraction"].value_counts()
         audit = table["judge_audit"].dropna()
+        reasons = table["failure_reason"].fillna("")
         return cls(
             rows=len(table),
             extracted=int((table["extraction"] != "failed").sum()),
             parser=int(counts.get("parser", 0)),
             judge=int(counts.get("judge", 0)),
             failed=int(counts.get("failed", 0)),
+            judge_abstained=int(reasons.str.contains(extraction.NOT_ANSWERED, regex=False).sum()),
             audited=len(audit),
             agreed=int((audit == "agree").sum()),
         )
@@ -68,9 +74,19 @@ class ExtractionCounts:
         return self.agreed / self.audited if self.audited else None
 
 
-def audit_sample(trial_ids: list[str], size: int, seed: int) -> list[str]:
+def audit_sample(row_ids: list[tuple[str, int]], size: int, seed: int) -> list[tuple[str, int]]:
     """A fixed pseudo-random sample, so a rerun audits the same rows (and finds them in the checkpoint)."""
-    return sorted(trial_ids, key=lambda t: hashlib.sha256(f"{seed}:{t}".encode()).hexdigest())[:size]
+    return sorted(row_ids, key=lambda r: hashlib.sha256(f"{seed}:{r[0]}:{r[1]}".encode()).hexdigest())[:size]
+
+
+@dataclass(frozen=True)
+class JudgeTask:
+    """One turn's reply for the judge to read, with the question it answers."""
+
+    turn: Turn
+    question: str
+    reply: str
+    seed: int
 
 
 @asset(
@@ -85,10 +101,12 @@ def audit_sample(trial_ids: list[str], size: int, seed: int) -> list[str]:
 def exp1_structured(
     context: AssetExecutionContext, storage: Storage, llm: LLMEndpoints, settings: ExperimentSettings
 ) -> MaterializeResult:
-    """Each raw answer in the study's answer schema: read by a deterministic parser when it follows the requested
-    format, otherwise by a judge model with JSON-schema-constrained decoding (validated, retried with the error),
-    otherwise recorded as failed with its reason. A sample of parser-read rows is also given to the judge, to
-    estimate how often the judge is right. Writes `{model}_{study}_structured.csv` for R.
+    """Each trial's answers in the study's answer schema, one row per trial: every turn's reply read by a
+    deterministic parser where it gives the answer unambiguously, otherwise by a judge model that answers in
+    schema-constrained JSON or says "not answered" (recorded as a failed extraction with its reason). A reading
+    outside the schema fails on both paths and is never repaired. A sample of parser-read rows is also given to the
+    judge, to estimate how often the judge is right. Writes `{model}_{study}_structured.csv` for R, with the
+    research group's column names first.
     """
     part = common.partition(context)
     study = part.study
@@ -104,67 +122,76 @@ def exp1_structured(
             "to an instruct model of the registry (see `grace models`)"
         )
 
-    readings: dict[str, extraction.Extraction | None] = {
-        getattr(row, ID_COLUMN): extraction.read_answer(
-            study.answer, study.parse_answer, row.response, row.finish_reason
-        )
-        for row in responses.itertuples(index=False)
-    }
-    texts = dict(zip(responses[ID_COLUMN], responses["response"]))
-    to_judge = [t for t, reading in readings.items() if reading is None]
-    parsed = [t for t, reading in readings.items() if reading is not None and reading.method == "parser"]
+    rows = {(getattr(r, ID_COLUMN), int(r.sample)): r for r in responses.itertuples(index=False)}
+    readings = {row_id: _parser_readings(study, row) for row_id, row in rows.items()}
+    parsed = [row_id for row_id, turns in readings.items() if all(e and e.method == "parser" for e in turns.values())]
     audited = audit_sample(parsed, settings.judge_audit_size, settings.seed)
 
     jobs, key_of = {}, {}
-    for trial_id in to_judge + audited:
-        payload = (texts[trial_id], common.trial_seed(settings.seed, trial_id))
-        messages = extraction.judge_messages(study.answer, study.answer_task, payload[0])
-        key = model_request_key(
-            "exp1-judge", CODE_VERSION, judge_model, messages, settings.judge_max_attempts, payload[1]
-        )
-        jobs[key], key_of[trial_id] = payload, key
+    for row_id, turns in readings.items():
+        wanted = [key for key, e in turns.items() if e is None or row_id in audited]
+        prompts = dict(zip([t.key for t in study.exp1_turns], study.exp1_prompts(rows[row_id])))
+        for turn in study.exp1_turns:
+            if turn.key in wanted:
+                seed = common.trial_seed(settings.seed, f"{row_id[0]}/{row_id[1]}/{turn.key}")
+                task = JudgeTask(turn, prompts[turn.key], getattr(rows[row_id], f"response_{turn.key}"), seed)
+                messages = extraction.judge_messages(turn.answer, turn.task, task.question, task.reply)
+                key = model_request_key(JUDGE_METHOD, judge_model, messages, settings.judge_max_attempts, task.seed)
+                jobs[key], key_of[(row_id, turn.key)] = task, key
 
-    def make_ask(client):
-        async def ask(payload):
-            text, seed = payload
+    def make_ask(client, _checkpoint):
+        async def ask(task: JudgeTask):
+            turn = task.turn
             found = await extraction.judge(
-                client, study.answer, study.answer_task, text, settings.judge_max_attempts, seed
+                client, turn.answer, turn.task, task.question, task.reply, settings.judge_max_attempts, task.seed
             )
             return found.record()
 
         return ask
 
     outcome = run_checkpointed(context, storage, llm, "exp1-judge", part, judge_model, jobs, make_ask)
-    judged = {t: extraction.Extraction.from_record(outcome.records[key_of[t]]) for t in key_of}
+
+    def judged(row_id, turn_key) -> extraction.Extraction:
+        return extraction.Extraction.from_record(outcome.records[key_of[(row_id, turn_key)]])
 
     columns = study.answer_dtypes
-    rows = []
-    for trial_id, reading in readings.items():
-        final = judged[trial_id] if reading is None else reading
-        audit = judged.get(trial_id) if reading is not None else None
-        rows.append(
+    table_rows = []
+    for row_id, turns in readings.items():
+        final, detail = extraction.combine(
+            study.answer, {key: e if e is not None else judged(row_id, key) for key, e in turns.items()}
+        )
+        audit = None
+        if row_id in audited:
+            audit_reading, _ = extraction.combine(study.answer, {key: judged(row_id, key) for key in turns})
+            audit = _audit_verdict(audit_reading, final)
+        table_rows.append(
             {
-                ID_COLUMN: trial_id,
+                ID_COLUMN: row_id[0],
+                "sample": row_id[1],
                 **{c: (final.values or {}).get(c) for c in columns},
                 "extraction": final.method,
+                "extraction_detail": detail,
                 "failure_reason": final.reason if final.method == "failed" else None,
                 "judge_attempts": final.attempts,
-                "judge_audit": None if audit is None else _audit_verdict(audit, reading),
-                "judge_audit_answer": None if audit is None else str(audit.values or audit.reason),
+                "judge_audit": audit,
             }
         )
-    keep = [ID_COLUMN, *[c for c in study.factor_columns if c in responses], "response", "finish_reason"]
-    table = responses[keep].merge(pd.DataFrame(rows), on=ID_COLUMN, how="left", validate="one_to_one")
-    table = table.astype({**columns, "extraction": "string", "failure_reason": "string", "judge_audit": "string"})
+    turn_columns = [f"{kind}_{t.key}" for t in study.exp1_turns for kind in ("response", "finish_reason")]
+    keep = [*ROW, *[c for c in study.factor_columns if c in responses], *turn_columns]
+    table = responses[keep].merge(pd.DataFrame(table_rows), on=ROW, how="left", validate="one_to_one")
+    table = table.astype(
+        {**columns, "extraction": "string", "extraction_detail": "string", "failure_reason": "string"}
+        | {"judge_audit": "string"}
+    )
 
     csv = storage.path("csv", f"{part.model}_{study.name}_structured.csv")
-    parquet, _ = storage.write_table(table, structured_path(storage, part), csv)
+    parquet, _ = storage.write_table(table, structured_path(storage, part), csv, csv_names=study.csv_names)
     counts = ExtractionCounts.of(table)
     n = max(counts.rows, 1)
     accuracy = counts.judge_accuracy
     context.log.info(
         f"structured {part.label}: {counts.parser} parser, {counts.judge} judge, "
-        f"{counts.failed} failed of {counts.rows}"
+        f"{counts.failed} failed ({counts.judge_abstained} of them 'not answered' by the judge) of {counts.rows}"
     )
     return MaterializeResult(
         metadata={
@@ -175,9 +202,11 @@ def exp1_structured(
             "parser_share": round(counts.parser / n, 4),
             "judge_share": round(counts.judge / n, 4),
             "failed": counts.failed,
+            "judge_not_answered": counts.judge_abstained,
             "judge_audited": counts.audited,
             "judge_accuracy": round(accuracy, 4) if accuracy is not None else "n/a (no row to audit)",
             "csv": MetadataValue.path(str(csv)),
+            "csv_columns_for_r": MetadataValue.json(list(study.csv_names.values())),
             "parquet": MetadataValue.path(str(parquet)),
             "preview": MetadataValue.md(
                 table[[ID_COLUMN, *columns, "extraction", "failure_reason"]].head(5).to_markdown(index=False)
@@ -186,9 +215,20 @@ def exp1_structured(
     )
 
 
+def _parser_readings(study: Study, row) -> dict[str, extraction.Extraction | None]:
+    """Each turn's reply as the parser reads it (None: only the judge can)."""
+    return {
+        turn.key: extraction.read_answer(
+            turn.answer, turn.parse, getattr(row, f"response_{turn.key}"), getattr(row, f"finish_reason_{turn.key}")
+        )
+        for turn in study.exp1_turns
+    }
+
+
 def _audit_verdict(audit: extraction.Extraction, parser: extraction.Extraction) -> str:
+    """How the judge read a row the parser read: agree, disagree, not answered (it abstained), or failed."""
     if audit.method == "failed":
-        return "failed"
+        return "not answered" if extraction.NOT_ANSWERED in (audit.reason or "") else "failed"
     return "agree" if audit.values == parser.values else "disagree"
 
 
@@ -247,7 +287,7 @@ def judged_and_failed_rows(table: pd.DataFrame, _: CheckContext) -> CheckOutcome
             "judge": int((listed["extraction"] == "judge").sum()),
             "failed": int((listed["extraction"] == "failed").sum()),
         },
-        worst=listed[[ID_COLUMN, "extraction", "failure_reason"]].assign(response=listed["response"].str.slice(0, 160)),
+        worst=listed[[ID_COLUMN, "extraction", "extraction_detail", "failure_reason", *_responses(listed)]],
     )
 
 
@@ -267,8 +307,12 @@ def judge_agrees_with_parser(table: pd.DataFrame, check: CheckContext) -> CheckO
             "threshold": threshold,
             "rows_decided_by_judge": counts.judge,
         },
-        worst=audit.loc[audit["judge_audit"] != "agree", [ID_COLUMN, "judge_audit", "judge_audit_answer", "response"]],
+        worst=audit.loc[audit["judge_audit"] != "agree", [ID_COLUMN, "judge_audit", *_responses(audit)]],
     )
+
+
+def _responses(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith("response_")]
 
 
 def _plain(value):

@@ -2,7 +2,8 @@
 
 The checkpoint is an append-only JSON-lines file of finished requests, one per line, each fsynced. A request's key
 hashes everything that determines its answer (model, prompt, parameters), so a changed prompt is asked anew and an
-unchanged one never twice.
+unchanged one never twice. Work of several requests (a conversation's turns) records each step under a key of its
+own (`Checkpoint.once`), so a run killed mid-conversation resumes at the turn it was on.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class Checkpoint:
         self._file.flush()
         os.fsync(self._file.fileno())
         self.records[key] = record
+
+    async def once(self, key: str, ask: Callable[[], Awaitable[dict]]) -> dict:
+        """The recorded answer to `key`, asking (and recording) only if there is none yet."""
+        if key not in self.records:
+            self.add(key, await ask())
+        return self.records[key]
 
     def close(self) -> None:
         self._file.close()  # also releases the lock

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from grace_dagster.llm.client import LLMClient
-from grace_dagster.llm.scoring import OptionScores, ScoringError, score_options
+from grace_dagster.llm.scoring import AnswerScores, OptionScores, ScoringError, score_options
 
 Kind = Literal["instruct", "base"]
 Messages = list[dict[str, str]]
@@ -19,7 +19,14 @@ BASE_MODEL_STOP = ["\n\n"]
 
 
 def plain_text(messages: Messages) -> str:
-    return "\n\n".join(m["content"] for m in messages) + ANSWER_CUE
+    """A conversation as plain text for a base model: each question, and each earlier answer after the cue."""
+    parts: list[str] = []
+    for message in messages:
+        if message["role"] == "assistant":
+            parts[-1] += f"{ANSWER_CUE} {message['content'].strip()}"
+        else:
+            parts.append(message["content"])
+    return "\n\n".join(parts) + ANSWER_CUE
 
 
 @dataclass(frozen=True)
@@ -84,3 +91,8 @@ class OptionScorer:
         context, continuations = await self.context_and_options(messages, options)
         scores = await score_options(self.client, context, continuations, add_special_tokens=self.kind == "base")
         return replace(scores, options=list(options))  # the answers, without the end-of-turn or newline
+
+    async def score_answers(self, messages: Messages, variants: tuple[tuple[str, ...], ...]) -> AnswerScores:
+        """Every surface form of every answer in one request, merged per answer."""
+        flat = tuple(form for forms in variants for form in forms)
+        return AnswerScores.merge(await self.score(messages, flat), [len(forms) for forms in variants])

@@ -44,6 +44,45 @@ class OptionScores:
         )
 
 
+@dataclass(frozen=True)
+class AnswerScores:
+    """Scores of answers that each have several surface forms ("yes", "Yes.", ...). The forms are distinct whole
+    replies, so an answer's probability is the sum over its forms; captured mass is over every form of every answer.
+    Log-probabilities are natural logs (nats)."""
+
+    variants: list[list[str]]
+    variant_logprobs: list[list[float]]
+    variant_tokens: list[list[int]]
+    logprobs: list[float]  # per answer: log of the summed probability of its forms
+    captured_mass: float
+    probabilities: list[float]  # per answer, renormalized over the answers
+
+    @classmethod
+    def merge(cls, scores: OptionScores, counts: list[int]) -> AnswerScores:
+        groups, start = [], 0
+        for count in counts:
+            groups.append(range(start, start + count))
+            start += count
+        logprobs = [_logsumexp([scores.logprobs[i] for i in group]) for group in groups]
+        merged = OptionScores.from_logprobs([scores.options[g[0]] for g in groups], logprobs, [0] * len(groups))
+        return cls(
+            variants=[[scores.options[i] for i in group] for group in groups],
+            variant_logprobs=[[scores.logprobs[i] for i in group] for group in groups],
+            variant_tokens=[[scores.n_tokens[i] for i in group] for group in groups],
+            logprobs=logprobs,
+            captured_mass=merged.captured_mass,
+            probabilities=merged.probabilities,
+        )
+
+
+def _logsumexp(values: list[float]) -> float:
+    finite = [v for v in values if v != -math.inf]
+    if not finite:
+        return -math.inf
+    peak = max(finite)
+    return peak + math.log(sum(math.exp(v - peak) for v in finite))
+
+
 # Tokenizer markers some servers leave in per-token strings (SentencePiece "▁", byte-level BPE "Ġ" and "Ċ").
 _MARKERS = str.maketrans({"▁": " ", "Ġ": " ", "Ċ": "\n"})
 

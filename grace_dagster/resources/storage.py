@@ -33,11 +33,18 @@ class Storage(ConfigurableResource):
     def path(self, *parts: str) -> Path:
         return Path(self.data_dir).joinpath(*parts)
 
-    def write_table(self, table: pd.DataFrame, parquet: Path, csv: Path | None = None) -> list[Path]:
-        """Write the canonical Parquet copy and, for the R scripts, a CSV; both atomically."""
+    def write_table(
+        self, table: pd.DataFrame, parquet: Path, csv: Path | None = None, csv_names: dict[str, str] | None = None
+    ) -> list[Path]:
+        """Write the canonical Parquet copy and, for the R scripts, a CSV; both atomically. `csv_names` renames
+        columns for R (the research group's names, put first; R reads them with check.names = FALSE)."""
         written = [atomic_write(parquet, lambda tmp: table.to_parquet(tmp, index=False))]
         if csv is not None:
-            written.append(atomic_write(csv, lambda tmp: table.to_csv(tmp, index=False)))
+            for_r = table
+            if csv_names:
+                first = [c for c in csv_names if c in table]
+                for_r = table[[*first, *[c for c in table if c not in csv_names]]].rename(columns=csv_names)
+            written.append(atomic_write(csv, lambda tmp: for_r.to_csv(tmp, index=False)))
         return written
 
     def read_table(self, parquet: Path) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel
 
-from grace_dagster.studies.inputs import Column, read_study_csv
+from grace_dagster.studies.inputs import Column, RowCheck, read_study_csv
 
 DATA_DIR = Path(__file__).with_name("data")
 ID_COLUMN = "trial_id"
@@ -27,9 +27,38 @@ class Question:
 
     key: str  # column stem in the outputs, e.g. "state2", "knowledge", "utterance"
     messages: Messages
-    options: tuple[str, ...]  # the answers exactly as the model should say them
+    options: tuple[str, ...]  # the answers, in their canonical form; each is scored with its surface variants
     values: tuple[float, ...] | None = None  # numeric meaning of each option, for mean and sd
     sums: dict[str, tuple[int, ...]] = field(default_factory=dict)  # named sums of option probabilities
+
+    @property
+    def variants(self) -> tuple[tuple[str, ...], ...]:
+        """Each option's surface forms, scored in the same request and merged per option."""
+        return tuple(surface_variants(option) for option in self.options)
+
+
+def surface_variants(option: str) -> tuple[str, ...]:
+    """The forms in which a model may give an answer: as written, with its first letter in the other case, and each
+    with a final period ("yes", "Yes", "yes.", "Yes."). They are distinct whole replies (the scorer closes each with
+    the end of the turn), so their probabilities add up to the answer's."""
+    cases = [option, option[:1].upper() + option[1:], option[:1].lower() + option[1:]]
+    forms = [form for case in cases for form in (case, case + ".")]
+    return tuple(dict.fromkeys(forms))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question of Experiment 1's conversation, asked after the model's answers to the turns before it.
+
+    Each turn asks for one thing in a short format: `answer` holds the fields it fills (a part of the study's answer
+    schema), `parse` reads a reply that gives them unambiguously (None otherwise: the judge reads it), and `task`
+    tells the judge what the participant was asked.
+    """
+
+    key: str  # names the raw table's response_{key} and finish_reason_{key} columns
+    answer: type[BaseModel]
+    parse: Callable[[str], dict | None]
+    task: str
 
 
 @dataclass(frozen=True)
@@ -39,18 +68,19 @@ class Study:
     citation: str
     columns: tuple[Column, ...]
     full_size: int  # trials in the research group's full input
-    # Experiment 1: the conversation asking for a free-text answer in the study's answer format.
-    exp1_messages: Callable[[Trial], Messages]
+    # Experiment 1: a conversation of turns, each a user message (`exp1_prompts`, one per turn) answered by the
+    # model before the next is shown; `answer` is the whole answer schema (the structured table's columns).
+    exp1_turns: tuple[Turn, ...]
+    exp1_prompts: Callable[[Trial], list[str]]
+    answer: type[BaseModel]
+    # The research group's names for the structured columns (R reads them with check.names = FALSE), in their order.
+    csv_names: dict[str, str]
     # Experiment 2: the questions whose answer distributions are read from log-probabilities.
     exp2_questions: Callable[[Trial], list[Question]]
-    # Structured extraction: the answer schema (its fields are the structured table's columns), the deterministic
-    # parser for answers in the requested format (None: it cannot read the answer, so the judge is asked), and
-    # what the judge is told the participant was asked.
-    answer: type[BaseModel]
-    parse_answer: Callable[[str], dict | None]
-    answer_task: str
     # Analysis over all models: the analysis-ready table, the comparison with the published human results, plots.
     analyze: Callable[[AnalysisInput], Analysis]
+    # Checks across a row's columns (e.g. a scenario that states another true state than the State column).
+    row_checks: tuple[RowCheck, ...] = ()
 
     @property
     def sample_path(self) -> Path:
@@ -79,7 +109,7 @@ class Study:
 
     def load(self, path: Path | None = None) -> pd.DataFrame:
         """Read and validate an input file (default: the shipped sample); raises InputError."""
-        return read_study_csv(path or self.sample_path, self.columns, ID_COLUMN, id_prefix=self.name)
+        return read_study_csv(path or self.sample_path, self.columns, ID_COLUMN, self.name, self.row_checks)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,10 @@ class Column:
     prose: bool = False  # vignette text for the prompts, as opposed to a design factor the analysis groups by
 
 
+# A check over one row's parsed values: None, or (the column to blame, what is wrong and what was expected).
+RowCheck = Callable[[dict[str, Any]], tuple[str, str] | None]
+
+
 def text(value: str) -> str:
     stripped = value.strip()
     if not stripped:
@@ -124,7 +128,9 @@ def _decode(path: Path, raw: bytes) -> str:
         raise InputError(path, [problem]) from None
 
 
-def read_study_csv(path: Path, columns: tuple[Column, ...], id_column: str, id_prefix: str) -> pd.DataFrame:
+def read_study_csv(
+    path: Path, columns: tuple[Column, ...], id_column: str, id_prefix: str, row_checks: tuple[RowCheck, ...] = ()
+) -> pd.DataFrame:
     """Validate the CSV at `path` against `columns` and return it as a typed table.
 
     The table has the id column first, then every declared column (read or derived), then the file's other
@@ -210,6 +216,8 @@ def read_study_csv(path: Path, columns: tuple[Column, ...], id_column: str, id_p
             trial_id = f"{id_prefix}-{row_number:04d}"
         out[id_column].append(trial_id)
 
+        values: dict[str, Any] = {}
+        cell_problems = len(problems)
         for col in columns:
             if col.name in header:
                 try:
@@ -219,7 +227,13 @@ def read_study_csv(path: Path, columns: tuple[Column, ...], id_column: str, id_p
                     value = None
             else:
                 value = col.derive(record) if col.derive else None
+            values[col.name] = value
             out[col.name].append(value)
+        if len(problems) == cell_problems:  # a row whose cells are wrong is reported by its cells alone
+            for check in row_checks:
+                found = check(values)
+                if found is not None:
+                    problems.append(Problem(row_number, found[0], found[1], line_number))
         for name in extra_columns:
             out[name].append(record.get(name, ""))
 

@@ -17,15 +17,16 @@ from grace_dagster.studies import analysis
 from grace_dagster.studies.base import (
     Analysis,
     AnalysisInput,
-    Messages,
     Question,
     Study,
     Trial,
+    Turn,
     option_slug,
     user,
     value,
 )
 from grace_dagster.studies.inputs import Column, int_in_range, one_of, text
+from grace_dagster.studies.text import NAME, first_name_match, without_markup
 
 GOALS = ("informative", "social", "both")
 _HEARTS = re.compile(r"^\s*([0-3])\s*(?:(?:out\s+)?of\s+3\s+)?(?:hearts?)?\s*$", re.IGNORECASE)
@@ -51,21 +52,73 @@ GOAL_WORDING = {
     "both": "If {SP} wanted to BOTH make {LS} feel good AND give accurate and informative feedback,",
 }
 
+# --- Reading the scenario: the true state and the names, when the file has only the Grace columns ------------------
+
+_STATED_HEARTS = re.compile(r"\b([0-3])\s*(?:out\s+)?of\s+(?:3|three)\s+hearts?\b", re.IGNORECASE)
+# "Bob approached Ann, who ...", "Ava went to Ben": the listener goes to the speaker; the original state sentence
+# names both the other way round ("how Ann actually felt about Bob's presentation").
+_LISTENER_TO_SPEAKER = re.compile(
+    rf"(?=(?P<listener>{NAME})\s+(?:approached|went\s+(?:up\s+)?to|came\s+(?:up\s+)?to|turned\s+to|asked|"
+    rf"called|texted|showed\s+(?:it|them)\s+to|sent\s+(?:it|them)\s+to)\s+(?P<speaker>{NAME})\b)"
+)
+_SPEAKER_ABOUT_LISTENER = re.compile(
+    rf"(?=how\s+(?P<speaker>{NAME})\s+actually\s+felt\s+about\s+(?P<listener>{NAME})['’]s)"
+)
+
+
+def stated_hearts(scenario: str) -> int | None:
+    """The true state when the scenario itself states it in hearts ("2 out of 3 hearts"), as the original text does."""
+    found = {int(n) for n in _STATED_HEARTS.findall(scenario)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _names(row: dict[str, str]) -> tuple[str, str] | None:
+    scenario = row.get("Scenario", "")
+    for pattern in (_SPEAKER_ABOUT_LISTENER, _LISTENER_TO_SPEAKER):
+        found = first_name_match(pattern, scenario, "speaker", "listener")
+        if found:
+            return found
+    return None
+
+
+def speaker_from_scenario(row: dict[str, str]) -> str | None:
+    names = _names(row)
+    return names[0] if names else None
+
+
+def listener_from_scenario(row: dict[str, str]) -> str | None:
+    names = _names(row)
+    return names[1] if names else None
+
+
+def scenario_agrees_with_state(row: dict) -> tuple[str, str] | None:
+    stated = stated_hearts(row["Scenario"])
+    if stated is not None and stated != row["State"]:
+        return (
+            "Scenario",
+            f"the scenario says {stated} of 3 hearts but State is {row['State']}; expected the same true state in both",
+        )
+    return None
+
 
 def _question(trial: Trial) -> str:
+    """The trial as the original experiment showed it: scenario, true state (unless the scenario already states it),
+    goal, question, and the answer set."""
     speaker = value(trial, "speaker", "the speaker")
     listener = value(trial, "listener", "the listener")
+    lines = [trial.Scenario]
+    if stated_hearts(trial.Scenario) is None:
+        lines.append(
+            f"Here's how {speaker} actually felt about it, on a scale of 0 to 3 hearts: {trial.State} out of 3 hearts."
+        )
     goal = GOAL_WORDING[trial.Goal].format(SP=speaker, LS=listener)
-    return (
-        f"{trial.Scenario}\n"
-        f"Here's how {speaker} actually felt about it, on a scale of 0 to 3 hearts: {trial.State} out of 3 hearts.\n"
-        f"{goal} what would {speaker} be most likely to say?\n"
-        f"Reply with exactly one of: {', '.join(UTTERANCES)}."
-    )
+    lines.append(f"{goal} what would {speaker} be most likely to say?")
+    lines.append(f"Reply with exactly one of: {', '.join(UTTERANCES)}.")
+    return "\n".join(lines)
 
 
-def exp1_messages(trial: Trial) -> Messages:
-    return user(_question(trial))
+def exp1_prompts(trial: Trial) -> list[str]:
+    return [_question(trial)]
 
 
 def exp2_questions(trial: Trial) -> list[Question]:
@@ -86,31 +139,75 @@ class Answer(BaseModel):
         return f"It {self.polarity} {self.assessment}"
 
 
-ANSWER_TASK = (
-    "The participant was told a story and asked what the speaker would most likely say, choosing one of: "
-    + ", ".join(UTTERANCES)
-    + "."
-)
-# "It was/wasn't [adverbs] <word>": the word is captured whatever it is, so an answer outside the eight utterances
-# is refused by the schema with its word named, rather than mapped to the nearest allowed one by a judge.
-_UTTERANCE = re.compile(
-    r"\bit\s+(was\s+not|wasn['’]t|was)[\s,]+(?:(?:a|an|the|very|really|so|too|quite|pretty|rather|just|that|at\s+all)"
-    r"[\s,]+)*([a-z]+)",
+# --- Reading a reply: only where the utterance is unambiguous -------------------------------------------------------
+
+# "It was/wasn't/was not <word>": the word is captured whatever it is, so an answer outside the eight utterances is
+# refused by the schema with its word named, rather than mapped to the nearest allowed one.
+_UTTERANCE = r"it\s+(?P<polarity>was\s+not|wasn't|was)\s+(?P<word>[a-z]+)"
+_LABEL = r"(?:(?:answer|response|reply|utterance)\s*[:=-]\s*)?"
+_LEADING = re.compile(rf"^{_LABEL}[\"“]?{_UTTERANCE}[\"”]?\s*(?:[.!\n]|$)", re.IGNORECASE)
+_ANY_UTTERANCE = re.compile(rf"\b{_UTTERANCE}\b", re.IGNORECASE)
+_WHOLE_UTTERANCE = re.compile(rf"^\s*{_UTTERANCE}\s*[.!]?\s*$", re.IGNORECASE)
+_QUOTED = re.compile(r"[\"“]([^\"“”]*)[\"”]")
+# What may come before a quoted answer: someone saying it ("Ann would probably say:"), and no word that turns the
+# quote into what is not said ("wouldn't say", "rude to say", "instead of").
+_SAYING = re.compile(
+    r"\b(?:say|says|said|reply|replies|answer|answers|respond|responds|tell\s+\w+|tells\s+\w+)"
+    r"(?:\s+something\s+like)?\s*[:,]?\s*$",
     re.IGNORECASE,
 )
+_DENIAL = re.compile(
+    r"n't|\b(?:not|never|no|instead|rather|avoid|rude|unkind|lie|lying|wrong|hurt|harsh|mean|but)\b", re.IGNORECASE
+)
+
+
+def _reading(match: re.Match[str]) -> tuple[str, str]:
+    polarity = "was" if match.group("polarity").lower() == "was" else "wasn't"
+    return polarity, match.group("word").lower()
+
+
+def _alone(reading: tuple[str, str], rest: str) -> tuple[str, str] | None:
+    """`reading`, unless the rest of the reply names another utterance."""
+    return None if any(_reading(m) != reading for m in _ANY_UTTERANCE.finditer(rest)) else reading
+
+
+def _leading_reading(reply: str) -> tuple[str, str] | None:
+    match = _LEADING.match(reply)
+    return _alone(_reading(match), reply[match.end() :]) if match else None
+
+
+def _quoted_reading(reply: str) -> tuple[str, str] | None:
+    spans = list(_QUOTED.finditer(reply))
+    if len(spans) != 1:
+        return None
+    whole = _WHOLE_UTTERANCE.match(spans[0].group(1))
+    before = reply[: spans[0].start()]
+    if not whole or not _SAYING.search(before) or _DENIAL.search(before):
+        return None
+    return _alone(_reading(whole), reply[spans[0].end() :])
 
 
 def parse_answer(text: str) -> dict | None:
-    """The one utterance in the answer; None when there is none or several different ones (the judge reads it)."""
-    found = {
-        ("was" if polarity.lower() == "was" else "wasn't", word.lower()) for polarity, word in _UTTERANCE.findall(text)
-    }
-    if len(found) != 1:
-        return None
-    polarity, word = found.pop()
-    return {"polarity": polarity, "assessment": word}
+    """The utterance, read only where it is unambiguous: the reply is the utterance or opens with it as a sentence,
+    or the reply's one quoted span is the utterance and the text before it has someone say it. Anything else
+    (negated, embedded, hedged, several utterances) goes to the judge."""
+    reply = without_markup(text)
+    if len(reply) > 1 and reply[0] in '"“' and reply[-1] in '"”' and len(_QUOTED.findall(reply)) == 1:
+        reply = reply[1:-1].strip()  # the whole reply in quotes
+    reading = _leading_reading(reply) or _quoted_reading(reply)
+    return dict(zip(("polarity", "assessment"), reading)) if reading else None
 
 
+TURNS = (
+    Turn(
+        "utterance",
+        Answer,
+        parse_answer,
+        "The participant was told a story and asked what the speaker would most likely say, choosing one of: "
+        + ", ".join(UTTERANCES)
+        + ".",
+    ),
+)
 UTTERANCE_COLUMNS = {u: f"utterance_p_{option_slug(u)}" for u in UTTERANCES}
 EXP1_COLUMNS = [*Answer.model_fields, "utterance", analysis.EXTRACTION_COLUMN]
 EXP2_COLUMNS = [*UTTERANCE_COLUMNS.values(), "utterance_p_negation"]
@@ -228,14 +325,15 @@ STUDY = Study(
         Column("State", hearts, "Int64", required=True),
         Column("participant", int_in_range(1, 10**6), "Int64"),
         Column("item", text, "string"),
-        Column("speaker", text, "string"),
-        Column("listener", text, "string"),
+        Column("speaker", text, "string", derive=speaker_from_scenario),
+        Column("listener", text, "string", derive=listener_from_scenario),
     ),
     full_size=2424,
-    exp1_messages=exp1_messages,
-    exp2_questions=exp2_questions,
+    exp1_turns=TURNS,
+    exp1_prompts=exp1_prompts,
     answer=Answer,
-    parse_answer=parse_answer,
-    answer_task=ANSWER_TASK,
+    csv_names={"polarity": "Was/Wasn't", "assessment": "Assessment", "response_utterance": "response_text"},
+    exp2_questions=exp2_questions,
     analyze=analyze,
+    row_checks=(scenario_agrees_with_state,),
 )
