@@ -14,7 +14,10 @@ tool that can run here:
   recorder, its kubeconfig by a dummy file), then validated against the Kubernetes schemas and the NRP policy.
 - The run queue: Dagster's own queue daemon dequeues real queued runs against each instance config, with Dagster's
   mocked run launcher so nothing is executed.
-- The image: deploy/Dockerfile is checked statically (no docker engine here to build it).
+- The code server: the user-code subchart's templates transliterated in tests/helm_user_code.py render its
+  Deployment from the values (service account, environment), and every key we set under
+  `dagster-user-deployments` must be one those templates read: the chart's schema accepts unknown keys silently.
+- The image: deploy/Dockerfile is checked statically (no docker engine here to build it) and linted by hadolint.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from grace_dagster.k8s.manifests import load_manifests
 from grace_dagster.k8s.policy import check_objects, required_exceptions
 from grace_dagster.k8s.schema import KUBERNETES_VERSION, validate_object
 from grace_dagster.registry import load_registry
+from tests.helm_user_code import render_user_code
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_INSTANCE = ROOT / "dagster.yaml"
@@ -363,6 +367,82 @@ def test_local_and_cluster_instances_apply_the_same_run_limits(tmp_path, pg_pass
     assert local["telemetry"] == cluster["telemetry"] == {"enabled": False}
 
 
+# --- the code server ----------------------------------------------------------------------------------------------
+
+# What every process on the cluster must read from its environment to use the cluster's models (resources/defaults.py
+# reads GRACE_ENDPOINTS, resources/settings.py GRACE_JUDGE_MODEL).
+CLUSTER_ENV = {"GRACE_ENDPOINTS": "k8s", "GRACE_JUDGE_MODEL": "deepseek-chat-api"}
+
+
+def _our_user_code_block() -> dict:
+    return yaml.safe_load(VALUES.read_text())["dagster-user-deployments"]
+
+
+def _code_server(values: Mapping | None = None, ours: Mapping | None = None):
+    rendered = render_user_code(values or helm_values(), ours or _our_user_code_block(), RELEASE)
+    (deployment,) = rendered.deployments
+    return deployment, rendered
+
+
+def _env(container: Mapping) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+def test_code_server_runs_as_grace_run_with_the_clusters_endpoints():
+    """The sensors run in the code server and scale model Deployments: only grace-run may (k8s/03-rbac.yaml)."""
+    deployment, rendered = _code_server()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+
+    assert pod["serviceAccountName"] == "grace-run"
+    assert _env(container).items() >= CLUSTER_ENV.items()
+    assert _env(container)["GRACE_PROMETHEUS_URL"].startswith("https://")
+    # k8s/ creates grace-run and its Role; the chart must neither create an account nor bind its own job/pod Role.
+    assert [o["kind"] for o in rendered.objects if o["kind"] in ("ServiceAccount", "Role", "RoleBinding")] == []
+    assert container["args"] == ["dagster", "api", "grpc", "-h", "0.0.0.0", "-p", "3030", *_dagster_api_args()]
+    assert validate_object(deployment) == []
+
+
+def _dagster_api_args() -> list[str]:
+    return helm_values()["dagster-user-deployments"]["deployments"][0]["dagsterApiGrpcArgs"]
+
+
+def test_every_user_code_key_we_set_is_one_the_chart_reads():
+    _, rendered = _code_server()
+    assert rendered.unread == []
+
+
+def test_a_service_account_inside_a_deployment_entry_passes_the_schema_and_is_ignored():
+    """The mistake this check exists for: the schema accepts the key, the templates never read it, and the code
+    server falls back to the chart's own account, which may not scale a model (403 on the cluster)."""
+    entry = {**_our_user_code_block()["deployments"][0], "serviceAccount": {"name": "grace-run"}}
+    ours = {"enabled": True, "enableSubchart": True, "deployments": [entry]}
+    values = helm_values({"dagster-user-deployments": {"serviceAccount": None, "rbacEnabled": None, **ours}})
+
+    deployment, rendered = _code_server(values, ours)
+
+    assert chart_schema_errors(values) == []
+    assert rendered.unread == ["deployments[].serviceAccount"]
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == (
+        "grace-dagster-dagster-user-deployments-user-deployments"
+    )
+    assert {o["kind"] for o in rendered.objects} >= {"ServiceAccount", "Role", "RoleBinding"}
+
+
+def test_run_pods_and_code_server_agree_on_the_endpoint_mode_and_judge(tmp_path, pg_password):
+    """Each process reads its own environment: the code server's never reaches a run pod
+    (includeConfigInLaunchedRuns is off), so the run launcher names the same values."""
+    _, job = _launched_job(tmp_path, {"grace/model": "gemma-2-2b", "grace/user": "alice"})
+    (run_container,) = job["spec"]["template"]["spec"]["containers"]
+    deployment, _ = _code_server()
+    (server_container,) = deployment["spec"]["template"]["spec"]["containers"]
+
+    run_env, server_env = _env(run_container), _env(server_container)
+    assert run_env.items() >= CLUSTER_ENV.items()
+    assert {k: run_env[k] for k in CLUSTER_ENV} == {k: server_env[k] for k in CLUSTER_ENV}
+    assert "DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT" not in server_env
+
+
 # --- the local instance ------------------------------------------------------------------------------------------
 
 
@@ -596,24 +676,21 @@ def test_a_run_tag_that_breaks_guaranteed_qos_is_caught_by_the_policy(tmp_path, 
 
 
 def test_dagsters_own_deployments_need_only_the_lifetime_exception():
-    """The webserver, daemon and code-server Deployments as the values size them (built from the values: helm is not
-    here to render them): within the NRP's resource rules, and long-lived, which takes the namespace-level
-    exception named in deploy/README.md."""
+    """The webserver and daemon Deployments as the values size them (built from the values: their templates are not
+    transliterated here), and the code server as the chart renders it: within the NRP's resource rules, and
+    long-lived, which takes the namespace-level exception named in deploy/README.md."""
     values = helm_values()
-    user_code = values["dagster-user-deployments"]["deployments"][0]
     sized = {
         "dagster-webserver": (
             values["dagsterWebserver"]["resources"],
             values["dagsterWebserver"]["initContainerResources"],
         ),
         "dagster-daemon": (values["dagsterDaemon"]["resources"], values["dagsterDaemon"]["initContainerResources"]),
-        f"dagster-user-code-{user_code['name']}": (user_code["resources"], None),
     }
     deployments = []
     for name, (resources, init_resources) in sized.items():
         spec: dict[str, Any] = {"containers": [{"name": "main", "image": IMAGE, "resources": resources}]}
-        if init_resources is not None:
-            spec["initContainers"] = [{"name": "check-db-ready", "image": "postgres", "resources": init_resources}]
+        spec["initContainers"] = [{"name": "check-db-ready", "image": "postgres", "resources": init_resources}]
         deployments.append(
             {
                 "apiVersion": "apps/v1",
@@ -622,9 +699,12 @@ def test_dagsters_own_deployments_need_only_the_lifetime_exception():
                 "spec": {"replicas": 1, "template": {"spec": spec}},
             }
         )
+    code_server, _ = _code_server()
+    deployments.append(code_server)
+    names = [*sized, code_server["metadata"]["name"]]
 
     violations = check_objects(deployments, load_registry())
-    assert {(v.name, v.rule) for v in violations} == {(d, "deployment-lifetime-over-2-weeks") for d in sized}
+    assert {(v.name, v.rule) for v in violations} == {(d, "deployment-lifetime-over-2-weeks") for d in names}
     assert {need.rule for need in required_exceptions(deployments)} == {"deployment-lifetime-over-2-weeks"}
 
 
