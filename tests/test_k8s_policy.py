@@ -80,6 +80,27 @@ def _job(name, command, requests=None, limits=None, mounts=(), volumes=()) -> di
     }
 
 
+def _pod(name, deadline) -> dict:
+    """An interactive pod like deploy/archive-pod.yaml, with the given activeDeadlineSeconds (None: unset)."""
+    resources = {"cpu": "1", "memory": "2Gi"}
+    spec: dict = {
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "shell",
+                "image": "ghcr.io/example/grace-dagster:0.1.0",
+                "command": ["sleep", "21600"],
+                "resources": {"requests": resources, "limits": dict(resources)},
+            }
+        ],
+    }
+    if deadline is not None:
+        spec["activeDeadlineSeconds"] = deadline
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
+
+
+PYTHON_SLEEP_LOOP = "from grace_dagster.cli import main\nimport time\nmain(['run'])\nwhile True:\n    time.sleep(60)\n"
+
 OUTPUT_VOLUME = {"name": "output", "persistentVolumeClaim": {"claimName": "grace-output"}}
 INPUT_VOLUME = {"name": "input", "persistentVolumeClaim": {"claimName": "grace-input"}}
 
@@ -288,6 +309,30 @@ CASES = [
          r"claim 21 PersistentVolumeClaims; the quota allows 20"),
     Case("model label not in the registry", _m(_unknown_model), "unknown-model", "Deployment/vllm-gemma-2-2b",
          r"labelled grace/model: gemma-2-2b-typo, which is not in the registry"),
+    # The policy's former blind spots (issue 16): installers other than pip/conda/apt, a Python sleep loop, bare pods.
+    Case("uv sync at run time", _m(_add(_job("uv", ["sh", "-c", "uv sync --frozen && uv run grace run"]))),
+         "no-runtime-install", "Job/uv", r"runs 'uv sync' at run time"),
+    Case("uvx at run time", _m(_add(_job("uvx", ["uvx", "ruff", "check", "."]))),
+         "no-runtime-install", "Job/uvx", r"runs 'uvx ruff' at run time"),
+    Case("pipx install at run time", _m(_add(_job("pipx", ["sh", "-c", "pipx install grace-dagster && grace run"]))),
+         "no-runtime-install", "Job/pipx", r"runs 'pipx install' at run time"),
+    Case("poetry install at run time", _m(_add(_job("poetry", ["bash", "-c", "poetry install --no-root; make run"]))),
+         "no-runtime-install", "Job/poetry", r"runs 'poetry install' at run time"),
+    Case("npm install at run time",
+         _m(_add(_job("npm", ["sh", "-c", "npm install -g @mermaid-js/mermaid-cli && mmdc -i plan.mmd"]))),
+         "no-runtime-install", "Job/npm", r"runs 'npm install' at run time"),
+    Case("conda install at run time",
+         _m(_add(_job("conda", ["bash", "-lc", "conda install -y -c conda-forge r-lme4 && Rscript fit.R"]))),
+         "no-runtime-install", "Job/conda", r"runs 'conda install' at run time"),
+    Case("R install.packages at run time",
+         _m(_add(_job("rscript", ["Rscript", "-e", "install.packages('lme4'); source('analysis.R')"]))),
+         "no-runtime-install", "Job/rscript", r"runs 'install\.packages\(' at run time"),
+    Case("job python script ends in a sleep loop", _m(_add(_job("keepalive", ["python", "-c", PYTHON_SLEEP_LOOP]))),
+         "job-sleep", "Job/keepalive", r"ends its Python script with 'while True: time\.sleep\(60\)'"),
+    Case("bare pod without a deadline", _m(_add(_pod("debug-shell", None))), "pod-deadline", "Pod/debug-shell",
+         r"is a bare Pod without spec\.activeDeadlineSeconds; the NRP allows interactive pods at most 6 hours"),
+    Case("bare pod living a day", _m(_add(_pod("notebook", 86400))), "pod-deadline", "Pod/notebook",
+         r"is a bare Pod with spec\.activeDeadlineSeconds 86400"),
 ]  # fmt: skip
 
 
@@ -348,11 +393,27 @@ def test_a_single_mutated_deployment_is_refused_before_scale_up():
         (["sh", "-c", "sleep infinity & python run.py"], True),
         (["python", "run.py"], False),
         (["sh", "-c", "sleep 5 && python run.py"], False),
+        (["python3", "-u", "-c", "import time\nrun()\ntime.sleep(3600)"], True),
+        (["sh", "-c", "python -c 'import time\nwhile 1:\n    time.sleep(5)'"], True),
+        (["python", "-c", "import time\nwhile True:\n    if poll():\n        break\n    time.sleep(5)"], False),
+        (["python", "-c", "import time; time.sleep(5); run()"], False),
     ],
 )
 def test_job_sleep_detection(command, sleeps):
     rules = [v.rule for v in check_objects([_job("j", command)], REGISTRY)]
     assert ("job-sleep" in rules) is sleeps
+
+
+def test_interactive_pods_within_six_hours_and_jobs_without_installs_pass():
+    # The controls for the new cases: a pod with a deadline, and commands that only look like installers.
+    pods = [_pod("shell", 6 * 3600), _pod("short", 600)]
+    jobs = [
+        _job("r", ["Rscript", "-e", "source('analysis.R')"]),
+        _job("node", ["sh", "-c", "npm run build && node dist/report.js"]),
+        _job("uv", ["uv", "run", "--frozen", "--no-sync", "grace", "run"]),
+        _job("conda", ["bash", "-lc", "conda activate grace && python run.py"]),
+    ]
+    assert check_objects(pods + jobs, REGISTRY) == []
 
 
 def test_quantities_are_exact():
