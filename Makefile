@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: run test install home system lint samples ui
+.PHONY: run test install home system lint lock samples ui
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ ui: install home
 lint: install
 	$(BIN)/ruff check grace_dagster tests benchmarks
 	$(BIN)/ruff format --check grace_dagster tests benchmarks
+
+# The image's exact versions (deploy/requirements.lock) from pyproject.toml; commit the result.
+lock: install
+	$(BIN)/python deploy/lock.py
 
 samples: install
 	$(BIN)/python -m grace_dagster.studies.samples

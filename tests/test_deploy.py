@@ -24,9 +24,14 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +50,8 @@ from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._serdes.config_class import ConfigurableClassData
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from grace_dagster.k8s.conventions import LABEL_MODEL_CLIENT, QUOTA_HARD
 from grace_dagster.k8s.manifests import load_manifests
@@ -748,7 +755,6 @@ def test_dockerfile_installs_everything_at_build_time_and_serves_the_helm_code_l
     pyproject = (ROOT / "pyproject.toml").read_text()
 
     assert f"{user_code['image']['repository']}:{user_code['image']['tag']}" == IMAGE
-    assert all(base == "python:3.11-slim" for base in bases)
     # The final image installs only the wheels built in the first stage, never from an index.
     assert all("--no-index" in r for r in runs if "pip install" in r)
     assert any(op == "USER" and rest != "root" for op, rest in final_stage)
@@ -759,3 +765,98 @@ def test_dockerfile_installs_everything_at_build_time_and_serves_the_helm_code_l
     assert str(user_code["port"]) in cmd
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     assert ignored[0] == "*" and "!grace_dagster" in ignored and "!pyproject.toml" in ignored
+    assert len(bases) == 2
+
+
+def test_both_stages_start_from_one_base_image_pinned_by_digest():
+    bases = [rest.split()[0] for op, rest in _dockerfile_instructions() if op == "FROM"]
+    assert len(bases) == 2 and bases[0] == bases[1], bases
+    name, _, digest = bases[0].partition("@")
+    assert name.startswith("python:3.11.") and name.endswith("-slim-bookworm"), name
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{bases[0]} is not pinned by digest"
+
+
+def test_llama_cpp_is_built_for_a_portable_cpu_baseline():
+    """GGML_NATIVE would compile for the build machine's CPU; the image must run on every node."""
+    wheel_stage = _dockerfile_instructions()[: [op for op, _ in _dockerfile_instructions()].index("FROM", 1)]
+    (cmake_args,) = [rest for op, rest in wheel_stage if op == "ENV" and rest.startswith("CMAKE_ARGS=")]
+    flags = set(json.loads(cmake_args.removeprefix("CMAKE_ARGS=")).split())
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=OFF"} <= flags
+    builds = [rest for op, rest in wheel_stage if op == "RUN" and "pip wheel" in rest]
+    # The ENV comes before the build that compiles llama-cpp-python (the one that reads the lock).
+    env_at = [rest for op, rest in wheel_stage].index(cmake_args)
+    lock_build = next(i for i, (op, rest) in enumerate(wheel_stage) if op == "RUN" and "requirements.lock" in rest)
+    assert env_at < lock_build and builds
+
+
+def test_image_installs_from_the_lock_with_hashes():
+    instructions = _dockerfile_instructions()
+    lock_builds = [rest for op, rest in instructions if op == "RUN" and "-r requirements.lock" in rest]
+    assert lock_builds and all("--require-hashes" in r for r in lock_builds)
+    assert ("COPY", "deploy/requirements.lock ./") in instructions
+    assert "!deploy/requirements.lock" in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    final_installs = [rest for op, rest in instructions[-12:] if op == "RUN" and "pip install" in rest]
+    assert final_installs and all("--no-deps" in r and "pip check" in r for r in final_installs)
+
+
+def _lock_module():
+    spec = importlib.util.spec_from_file_location("deploy_lock", DEPLOY / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _locked_versions() -> dict[str, str]:
+    pins = {}
+    for line in (DEPLOY / "requirements.lock").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9._-]+)==([^ \\;]+)", line)
+        if match:
+            pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def test_lock_file_is_up_to_date_with_pyproject():
+    """`make lock` writes deploy/requirements.lock from pyproject.toml; change one without the other and this fails."""
+    lock = _lock_module()
+    assert lock.recorded_digest() == lock.dependencies_digest(), (
+        "deploy/requirements.lock was resolved from other dependencies than pyproject.toml now lists: run `make lock` "
+        "and commit deploy/requirements.lock"
+    )
+    pins = _locked_versions()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dependency in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dependency.name)
+        assert name in pins, f"{dependency} is not in deploy/requirements.lock: run `make lock`"
+        assert dependency.specifier.contains(pins[name], prereleases=True), f"{dependency} vs locked {pins[name]}"
+    text = (DEPLOY / "requirements.lock").read_text()
+    assert text.count("==") == len(pins) and text.count("--hash=sha256:") >= len(pins)
+
+
+def test_lock_check_fails_when_pyproject_changes(tmp_path):
+    lock = _lock_module()
+    changed = tmp_path / "pyproject.toml"
+    changed.write_text((ROOT / "pyproject.toml").read_text().replace('"pandas>=2.2"', '"pandas>=2.3"'))
+    assert lock.dependencies_digest(changed) != lock.recorded_digest()
+    reformatted = tmp_path / "reformatted.toml"
+    reformatted.write_text((ROOT / "pyproject.toml").read_text().replace('"pandas>=2.2"', '"pandas >= 2.2"'))
+    assert lock.dependencies_digest(reformatted) == lock.recorded_digest()
+
+
+def _hadolint(path: Path) -> subprocess.CompletedProcess:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    return subprocess.run(
+        [str(hadolint if hadolint.exists() else "hadolint"), "--no-color", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_hadolint_passes_the_dockerfile_and_catches_a_regression(tmp_path):
+    clean = _hadolint(DEPLOY / "Dockerfile")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+
+    regressed = tmp_path / "Dockerfile"
+    regressed.write_text((DEPLOY / "Dockerfile").read_text().replace(" --no-install-recommends", ""))
+    caught = _hadolint(regressed)
+    assert caught.returncode != 0 and "DL3015" in caught.stdout
