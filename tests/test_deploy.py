@@ -55,7 +55,7 @@ from packaging.utils import canonicalize_name
 
 from grace_dagster.k8s.conventions import LABEL_MODEL_CLIENT, QUOTA_HARD
 from grace_dagster.k8s.manifests import load_manifests
-from grace_dagster.k8s.policy import check_objects, required_exceptions
+from grace_dagster.k8s.policy import check_objects, pod_spec, required_exceptions
 from grace_dagster.k8s.schema import KUBERNETES_VERSION, validate_object
 from grace_dagster.registry import load_registry
 from tests.helm_user_code import render_user_code
@@ -725,6 +725,23 @@ def test_archive_pod_passes_the_kubernetes_schema_and_nrp_policy():
     # An interactive pod lives at most 6 hours on the NRP.
     assert pod["spec"]["activeDeadlineSeconds"] <= 6 * 3600
     assert {m["name"]: m.get("readOnly", False) for m in container["volumeMounts"]}["output"] is True
+
+
+def test_every_volume_in_k8s_is_mounted_by_something(tmp_path, pg_password):
+    """A claim nothing mounts only waits to be purged (the logs volume was one): each has a user, so each has a
+    place in the archive-then-delete order of `grace k8s cleanup-plan`."""
+    _, job = _launched_job(tmp_path, {"grace/model": "gemma-2-2b", "grace/user": "alice"})
+    (archive_pod,) = yaml.safe_load_all((DEPLOY / "archive-pod.yaml").read_text())
+    model_servers = [m.obj for m in load_manifests(ROOT / "k8s") if m.obj["kind"] == "Deployment"]
+    mounted = {
+        volume["persistentVolumeClaim"]["claimName"]
+        for workload in [job, archive_pod, *model_servers]
+        for volume in pod_spec(workload).get("volumes") or []
+        if "persistentVolumeClaim" in volume
+    }
+    claims = {claim["metadata"]["name"] for claim in _shared_claims()}
+    assert claims - mounted == set()
+    assert {"grace-input", "grace-output"} <= mounted
 
 
 # --- the image ---------------------------------------------------------------------------------------------------

@@ -232,10 +232,10 @@ def _at_scale(objects):
 
 
 def _too_many_claims(objects):
-    logs = _get(objects, "PersistentVolumeClaim", "grace-logs")
+    output = _get(objects, "PersistentVolumeClaim", "grace-output")
     extra = []
-    for i in range(11):
-        claim = copy.deepcopy(logs)
+    for i in range(21 - sum(1 for o in objects if o["kind"] == "PersistentVolumeClaim")):
+        claim = copy.deepcopy(output)
         claim["metadata"]["name"] = f"scratch-{i}"
         extra.append(claim)
     return objects + extra
@@ -278,8 +278,8 @@ CASES = [
          "Deployment/scratch", r"no lifetime declared.*names no registry model"),
     Case("pvc on rook-cephfs-ucsd", _m(_storage_class("grace-output", "rook-cephfs-ucsd")), "storage-class",
          "PersistentVolumeClaim/grace-output", r"uses storage class rook-cephfs-ucsd: the NRP audit forbids"),
-    Case("pvc without a storage class", _m(_storage_class("grace-logs", None)), "storage-class",
-         "PersistentVolumeClaim/grace-logs", r"no storageClassName \(the cluster default\)"),
+    Case("pvc without a storage class", _m(_storage_class("grace-input", None)), "storage-class",
+         "PersistentVolumeClaim/grace-input", r"no storageClassName \(the cluster default\)"),
     Case("pip install into a cephfs mount",
          _m(_add(_job("setup", ["sh", "-c", "pip install --target /data/lib pandas && python run.py"],
                       mounts=[{"name": "output", "mountPath": "/data"}], volumes=[OUTPUT_VOLUME]))),

@@ -226,7 +226,11 @@ def test_the_vllm_image_is_named_in_one_place():
 
 def test_shared_data_is_on_cephfs(committed):
     pvcs = _by(committed, "PersistentVolumeClaim")
-    for name in ("grace-input", "grace-output", "grace-logs"):
+    assert {n for n, pvc in pvcs.items() if pvc["metadata"]["labels"]["grace/volume"] != "weights"} == {
+        "grace-input",
+        "grace-output",
+    }
+    for name in ("grace-input", "grace-output"):
         assert pvcs[name]["spec"]["storageClassName"] == STORAGE_CEPHFS
         assert pvcs[name]["spec"]["accessModes"] == ["ReadWriteMany"]
     assert "readOnly: true" in pvcs["grace-input"]["metadata"]["annotations"]["grace/access"]

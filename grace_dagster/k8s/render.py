@@ -56,11 +56,12 @@ PROMETHEUS_NAMESPACE = "monitoring"
 
 # Shared CephFS volumes: name -> (what it holds, size). Input is written once by an operator and mounted read-only
 # by the run pods; a fresh ReadOnlyMany CephFS claim cannot be provisioned (ceph-csi allows ROX only for a claim
-# cloned from a data source), so the read-only part is enforced by the mounts, not by the access mode.
+# cloned from a data source), so the read-only part is enforced by the mounts, not by the access mode. There is no
+# logs volume: nothing would write to it (run logs live in Dagster's event log in PostgreSQL, server logs in
+# `kubectl logs`), and every volume must be archived and deleted on schedule (`grace k8s cleanup-plan`).
 SHARED_VOLUMES = {
     "grace-input": ("input", "5Gi"),
     "grace-output": ("output", "100Gi"),
-    "grace-logs": ("logs", "20Gi"),
 }
 
 ANNOTATION_ACCESS = "grace/access"
