@@ -657,7 +657,8 @@ def test_run_pods_are_guaranteed_qos_and_pass_the_kubernetes_schema_and_nrp_poli
     assert namespace == NAMESPACE
     assert validate_object(job) == []
     assert check_objects([job, *_shared_claims()], load_registry()) == []
-    assert container["resources"]["requests"] == container["resources"]["limits"] == {"cpu": "1", "memory": "4Gi"}
+    # Sized from the measured run (the comment in values.yaml): within the NRP's 20-150% of use.
+    assert container["resources"]["requests"] == container["resources"]["limits"] == {"cpu": "500m", "memory": "2Gi"}
     assert pod["spec"]["serviceAccountName"] == "grace-run"
     assert pod["metadata"]["labels"][LABEL_MODEL_CLIENT] == "true"
     assert container["image"] == IMAGE

@@ -224,6 +224,24 @@ def test_the_vllm_image_is_named_in_one_place():
     assert named == ["grace_dagster/k8s/render.py"]
 
 
+def test_every_served_models_resources_record_why(registry):
+    """Requests follow use (the NRP flags use outside 20-150% of them): each figure says what it rests on."""
+    for model in registry.models:
+        if model.serving.backend == "external":
+            continue
+        needed = {"cpu", "memory_gib", "storage_gib"} | ({"gpus"} if model.resources.gpus else set())
+        assert needed <= set(model.resources.reasons), f"{model.slug}: reasons for {sorted(needed)}"
+        assert all(len(why) > 30 for why in model.resources.reasons.values()), model.slug
+
+
+def test_vllm_servers_get_the_cores_vllm_documents_and_no_memory_exception(registry):
+    for model in served_models(registry):
+        gpus = model.resources.gpus
+        # 2 + N busy processes (API server, engine core, one worker per GPU), 2 vCPUs each with hyperthreads.
+        assert model.resources.cpu == 2 * (2 + gpus), model.slug
+        assert model.resources.memory_gib <= 32 and not model.has_exception("memory-over-32gi"), model.slug
+
+
 def test_shared_data_is_on_cephfs(committed):
     pvcs = _by(committed, "PersistentVolumeClaim")
     assert {n for n, pvc in pvcs.items() if pvc["metadata"]["labels"]["grace/volume"] != "weights"} == {
