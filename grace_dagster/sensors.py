@@ -144,7 +144,9 @@ def runs_sending_work(
     return working
 
 
-def _report_to_runs(instance: DagsterInstance, name: str, slug: str, value: float, runs: list[str], decided) -> None:
+def _report_to_runs(
+    instance: DagsterInstance, name: str, slug: str, value: float, runs: list[str], decided: UtilisationPlan
+) -> None:
     message = (
         f"GPU utilisation of {name} ({slug}) is {value:.0f}% averaged over {decided.window}, below the NRP's "
         f"{decided.threshold:g}%: the runs using it send too few requests at once to keep its GPUs busy, and the "
@@ -200,7 +202,13 @@ def watch_gpu_utilisation(
     return SkipReason(f"namespace {llm.namespace}: {decided.summary()}")
 
 
-def _act(context, llm: LLMEndpoints, decided: UtilisationPlan, deployments: dict[str, str], judge: str | None) -> None:
+def _act(
+    context: SensorEvaluationContext,
+    llm: LLMEndpoints,
+    decided: UtilisationPlan,
+    deployments: dict[str, str],
+    judge: str | None,
+) -> None:
     cluster = llm.cluster()
     for name in list(decided.scale_down):
         # Asked again right before scaling: a run that started during this tick keeps its model.

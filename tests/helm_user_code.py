@@ -129,10 +129,21 @@ def unread_keys(data: Any, log: ReadLog, path: str = "") -> list[str]:
     return unread
 
 
+def helm_merge(defaults: Mapping, overrides: Mapping) -> dict:
+    """Helm's merge of user values onto chart defaults: maps merge key by key, anything else replaces, null deletes."""
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in overrides.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = helm_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def subchart_values(parent: Mapping) -> dict:
     """What the subchart's templates see as `.Values`: its defaults, our block over them, the parent's globals."""
-    from tests.test_deploy import helm_merge
-
     values = helm_merge(SUBCHART_DEFAULTS, parent[CHART_NAME])
     values["global"] = copy.deepcopy(parent["global"])
     return values

@@ -58,7 +58,7 @@ from grace_dagster.k8s.manifests import load_manifests
 from grace_dagster.k8s.policy import check_objects, pod_spec, required_exceptions
 from grace_dagster.k8s.schema import KUBERNETES_VERSION, validate_object
 from grace_dagster.registry import load_registry
-from tests.helm_user_code import render_user_code
+from tests.helm_user_code import helm_merge, render_user_code
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_INSTANCE = ROOT / "dagster.yaml"
@@ -73,19 +73,6 @@ K8S_DEFINITIONS_URL = "https://raw.githubusercontent.com/yannh/kubernetes-json-s
 
 
 # --- helm, emulated ----------------------------------------------------------------------------------------------
-
-
-def helm_merge(defaults: Mapping, overrides: Mapping) -> dict:
-    """Helm's merge of user values onto chart defaults: maps merge key by key, anything else replaces, null deletes."""
-    merged = copy.deepcopy(dict(defaults))
-    for key, value in overrides.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = helm_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def helm_values(overrides: Mapping | None = None) -> dict:

@@ -12,7 +12,7 @@ volumes or Jobs, and this command never deletes anything itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -130,7 +130,7 @@ def cleanup_plan(
     registry: Registry,
     now: datetime,
     ended: date | None,
-    unverified: list[Path] = (),
+    unverified: Sequence[Path] = (),
 ) -> list[str]:
     """The plan as printed lines."""
     ns = state.namespace
