@@ -14,7 +14,8 @@ where the code depends on it:
   k8s/03-rbac.yaml binds to it (verb, API group, resource or subresource, resourceNames); anything else is 403
   Forbidden with the API server's message. `identity=None` stands for an operator with namespace-admin rights;
 - load: while a scaled-up Deployment is rolling out, every `flaky_every`-th read of it is answered 429 Too Many
-  Requests (with Retry-After, as API priority and fairness does) or 500, alternately;
+  Requests (with Retry-After, as API priority and fairness does) or 500, alternately (500 first: urllib3 itself
+  waits out a 429's Retry-After of 1 s, which would slow every test);
 - a rollout: a scaled-up Deployment reports its replica ready `ready_delay` seconds after the scale;
 - `GET /v1/models` lists the served models of ready Deployments, standing in for the vLLM Services.
 """
@@ -167,7 +168,7 @@ class FakeCluster:
         identity: str | None = SERVICE_ACCOUNT,
         rules: list[dict] | None = None,
         flaky_every: int = 3,
-        flaky_statuses: tuple[int, ...] = (429, 500),
+        flaky_statuses: tuple[int, ...] = (500, 429),
     ):
         self.ready_delay = ready_delay
         self.identity = identity
