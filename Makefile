@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: run test install home system lint samples ui
+.PHONY: run test install home system lint lock samples ui
 
 install: $(STAMP)
 
@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-# Debian packages the tests need: PostgreSQL (instance storage test) and Chromium (UI browser test).
+# Debian packages the tests need: PostgreSQL (instance storage test), Chromium (UI browser test) and Prometheus
+# (the GPU-utilisation sensor's test scrapes a DCGM-format exporter with a real server).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -47,6 +49,10 @@ ui: install home
 lint: install
 	$(BIN)/ruff check grace_dagster tests benchmarks
 	$(BIN)/ruff format --check grace_dagster tests benchmarks
+
+# The image's exact versions (deploy/requirements.lock) from pyproject.toml; commit the result.
+lock: install
+	$(BIN)/python deploy/lock.py
 
 samples: install
 	$(BIN)/python -m grace_dagster.studies.samples

@@ -7,8 +7,12 @@ anyone check it later without the original volume: `grace archive --verify PATH`
 Each file is opened once: its row count, its hash and the bytes in the tar all come from that open file and from its
 first N bytes (N its size when opened), so a pipeline that replaces a file (atomic_write) or appends to a checkpoint
 meanwhile cannot make the manifest disagree with the archive. The manifest is the last member, written after
-everything it describes. The archive itself is written to a temporary sibling and renamed into place, so a killed
-run never leaves a truncated archive under the final name.
+everything it describes; it names the volume the data came from when one is given (`--volume grace-output`). The
+archive itself is written to a temporary sibling and renamed into place, so a killed run never leaves a truncated
+archive under the final name.
+
+A verification that passes leaves a receipt beside the archive (`<archive>.verified.json`: its size, sha256, volume
+and when it was verified). `grace k8s cleanup-plan` reads those receipts to tell which volumes may be deleted.
 
 Plain Python (no Dagster import): it reads files, not the instance.
 """
@@ -34,6 +38,8 @@ from grace_dagster.files import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = "grace-archive/1"
+RECEIPT_SUFFIX = ".verified.json"
+RECEIPT_FORMAT = "grace-archive-receipt/1"
 # Top-level directories whose files are per-partition outputs laid out as .../<model>/<study>.<ext>
 # (see grace_dagster/resources/storage.py and the assets): how the manifest learns the models and studies.
 PARTITIONED_DIRS = ("exp1", "exp2", "checkpoints")
@@ -51,6 +57,7 @@ class VerifyReport:
     path: Path
     checked: int = 0
     problems: list[str] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -132,10 +139,14 @@ def _tar_info(name: str, size: int, mtime: float) -> tarfile.TarInfo:
 
 
 def create(
-    data_dir: str | os.PathLike, out: str | os.PathLike | None = None, now: datetime | None = None
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    now: datetime | None = None,
+    volume: str | None = None,
 ) -> tuple[Path, dict]:
     """Write the archive of `data_dir` to `out` (default: ./grace-archive-<UTC time>.tar.gz).
 
+    `volume` names the PersistentVolumeClaim mounted at `data_dir` (recorded in the manifest for the cleanup plan).
     Returns the archive's path and its manifest.
     """
     data_dir = Path(data_dir).resolve()
@@ -160,6 +171,8 @@ def create(
         # gzip's own default level: level 9 costs far more time for little on Parquet.
         with tarfile.open(tmp, mode="w:gz", format=tarfile.PAX_FORMAT, compresslevel=6) as tar:
             manifest.update(_write_members(tar, data_dir, files, root, now))
+            if volume:
+                manifest["volume"] = volume
             body = json.dumps(manifest, indent=2, sort_keys=True).encode()
             tar.addfile(_tar_info(str(root / MANIFEST), len(body), now.timestamp()), io.BytesIO(body))
 
@@ -259,7 +272,83 @@ def verify(path: str | os.PathLike) -> VerifyReport:
             elif sha != want.get("sha256"):
                 report.problems.append(f"{name}: sha256 {sha} differs from the manifest's {want.get('sha256')}")
     report.checked = len(seen)
+    report.manifest = manifest
     return report
+
+
+def receipt_path(archive_path: str | os.PathLike) -> Path:
+    path = Path(archive_path)
+    return path.with_name(path.name + RECEIPT_SUFFIX)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_receipt(report: VerifyReport, now: datetime | None = None) -> Path:
+    """Record a passed verification beside the archive, for `grace k8s cleanup-plan`."""
+    if not report.ok:
+        raise ArchiveError(f"{report.path} failed verification: no receipt is written for it")
+    receipt = {
+        "format": RECEIPT_FORMAT,
+        "archive": report.path.name,
+        "bytes": report.path.stat().st_size,
+        "sha256": _file_sha256(report.path),
+        "verified": (now or datetime.now(UTC)).isoformat(timespec="seconds"),
+        "created": report.manifest.get("created"),
+        "volume": report.manifest.get("volume"),
+        "data_dir": report.manifest.get("data_dir"),
+        "files": report.checked,
+        "total_bytes": report.manifest.get("total_bytes"),
+    }
+    path = receipt_path(report.path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A passed verification as recorded, and whether the archive beside it is still the file that was verified."""
+
+    path: Path
+    archive: Path
+    volume: str | None
+    data_dir: str | None
+    verified: str
+    created: str | None
+    files: int
+    intact: bool  # the archive is still there with the verified size
+
+
+def read_receipts(directory: str | os.PathLike) -> list[Receipt]:
+    """Every receipt in `directory`, newest verification last."""
+    receipts = []
+    for path in sorted(Path(directory).glob(f"*{RECEIPT_SUFFIX}")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours, or damaged: it proves nothing
+        if not isinstance(data, dict) or data.get("format") != RECEIPT_FORMAT:
+            continue
+        archive_path = path.with_name(str(data.get("archive")))
+        intact = archive_path.is_file() and archive_path.stat().st_size == data.get("bytes")
+        receipts.append(
+            Receipt(
+                path=path,
+                archive=archive_path,
+                volume=data.get("volume"),
+                data_dir=data.get("data_dir"),
+                verified=str(data.get("verified")),
+                created=data.get("created"),
+                files=int(data.get("files") or 0),
+                intact=intact,
+            )
+        )
+    return sorted(receipts, key=lambda r: r.verified)
 
 
 def _read_manifest(f: BinaryIO, name: str) -> dict:

@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from grace_dagster.archive import ArchiveError, create, verify
+    from grace_dagster.archive import ArchiveError, create, verify, write_receipt
 
     try:
         if args.verify:
@@ -76,8 +76,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
                 )
                 return 1
             print(f"{report.path}: ok, {report.checked} files match the manifest")
+            print(f"receipt for `grace k8s cleanup-plan`: {write_receipt(report)}")
             return 0
-        path, manifest = create(args.data_dir, args.out)
+        path, manifest = create(args.data_dir, args.out, volume=args.volume)
     except ArchiveError as e:
         print(e, file=sys.stderr)
         return 2
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     archive.add_argument("--data-dir", type=Path, default=Path("data"), help="the outputs to archive (default: data)")
     archive.add_argument("--out", type=Path, help="archive path (default: ./grace-archive-<UTC time>.tar.gz)")
     archive.add_argument("--verify", type=Path, metavar="PATH", help="check an archive against its manifest instead")
+    archive.add_argument(
+        "--volume", help="the PersistentVolumeClaim mounted at --data-dir (recorded for `grace k8s cleanup-plan`)"
+    )
     archive.set_defaults(func=cmd_archive)
 
     from grace_dagster.k8s.commands import register as register_k8s

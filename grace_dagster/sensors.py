@@ -12,25 +12,43 @@ scaled up; the endpoint resource never scales down (it is set up once per step, 
 is the way down: every few minutes it scales to 0 each model Deployment that no queued or running run needs, judged
 by the runs' `grace/model` tag (or Dagster's `dagster/partition/model` tag on a partition run). A run that is queued,
 starting, started or being cancelled keeps its model up.
+
+GPU utilisation:
+A model that is up can still waste its GPUs: the NRP counts a pod below 40% GPU utilisation as a violation, and
+enough of them block new jobs in the namespace. `watch_gpu_utilisation` reads each model pod's utilisation from the
+cluster's Prometheus (the DCGM exporter's DCGM_FI_DEV_GPU_UTIL) over a window; a model below the threshold that no
+started run is sending work is scaled to zero at once (without waiting for the idle sensor, which keeps models of
+queued runs), and one below it while runs send it work is reported in those runs (an engine event with the figures,
+and the run tag grace/gpu-utilisation), so the researcher can raise the client concurrency.
 """
 
 from dagster import (
     AssetRecordsFilter,
     AssetSelection,
+    DagsterInstance,
+    DagsterRunStatus,
     DefaultSensorStatus,
+    MetadataValue,
     MultiPartitionKey,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     sensor,
 )
+from dagster._core.events import EngineEventData
 
 from grace_dagster.assets import EXPERIMENT_ASSETS, study_trials
 from grace_dagster.assets.common import run_tags
 from grace_dagster.assets.partitions import model_partitions
+from grace_dagster.k8s.admission import replicas, run_model
+from grace_dagster.k8s.conventions import deployment_name
+from grace_dagster.k8s.render import served_models
+from grace_dagster.k8s.utilisation import PrometheusError, UtilisationPlan, by_deployment, plan, pod_utilisation
 from grace_dagster.registry.loader import EmbeddedServing
-from grace_dagster.resources.endpoints import LLMEndpoints
+from grace_dagster.resources.endpoints import RUNNING_STATUSES, LLMEndpoints
+from grace_dagster.resources.monitoring import GpuMonitor
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import STUDIES
 
@@ -106,3 +124,101 @@ def scale_idle_models(context: SensorEvaluationContext, llm: LLMEndpoints, setti
     context.log.info(report.summary())
     # The sensor acts on the cluster, not by launching runs: every tick ends as a skip that says what it did.
     return SkipReason(f"namespace {llm.namespace}: {report.summary()}")
+
+
+# A run sends its model work from launch until it ends (a run being cancelled still executes its steps).
+SENDING_STATUSES = [*RUNNING_STATUSES, DagsterRunStatus.CANCELING]
+TAG_GPU_UTILISATION = "grace/gpu-utilisation"
+
+
+def runs_sending_work(
+    instance: DagsterInstance, deployments: dict[str, str], judge: str | None
+) -> dict[str, list[str]]:
+    """Deployment -> ids of the runs that are sending its model work now (the judge serves every run)."""
+    by_slug = {slug: name for name, slug in deployments.items()}
+    working: dict[str, list[str]] = {}
+    for run in instance.get_runs(filters=RunsFilter(statuses=SENDING_STATUSES)):
+        for slug in {run_model(run.tags), judge}:
+            if slug in by_slug:
+                working.setdefault(by_slug[slug], []).append(run.run_id)
+    return working
+
+
+def _report_to_runs(
+    instance: DagsterInstance, name: str, slug: str, value: float, runs: list[str], decided: UtilisationPlan
+) -> None:
+    message = (
+        f"GPU utilisation of {name} ({slug}) is {value:.0f}% averaged over {decided.window}, below the NRP's "
+        f"{decided.threshold:g}%: the runs using it send too few requests at once to keep its GPUs busy, and the "
+        "NRP counts the pod as a violation. Raise the client concurrency (max_concurrency of the llm resource) "
+        "so that vLLM batches more requests."
+    )
+    metadata = {
+        "gpu_utilisation_percent": MetadataValue.float(round(value, 1)),
+        "threshold_percent": MetadataValue.float(decided.threshold),
+        "window": MetadataValue.text(decided.window),
+        "deployment": MetadataValue.text(name),
+        "model": MetadataValue.text(slug),
+    }
+    for run_id in runs:
+        run = instance.get_run_by_id(run_id)
+        if run is None:
+            continue
+        instance.report_engine_event(message, run, EngineEventData(metadata=metadata))
+        tag = f"{value:.0f}% of {name} over {decided.window} (NRP minimum {decided.threshold:g}%)"
+        instance.add_run_tags(run_id, {TAG_GPU_UTILISATION: tag})
+
+
+@sensor(
+    minimum_interval_seconds=IDLE_CHECK_SECONDS,
+    default_status=DefaultSensorStatus.STOPPED,
+    description=(
+        "k8s endpoint mode only: read each model pod's GPU utilisation from Prometheus (DCGM_FI_DEV_GPU_UTIL); "
+        "below the NRP's 40% with no run sending work, scale the model to 0; below it while runs send work, report "
+        "it in those runs (event and tag grace/gpu-utilisation). Never launches runs."
+    ),
+)
+def watch_gpu_utilisation(
+    context: SensorEvaluationContext, llm: LLMEndpoints, settings: ExperimentSettings, gpu_monitor: GpuMonitor
+) -> SkipReason:
+    if llm.mode != "k8s":
+        return SkipReason(f"the llm resource is in {llm.mode!r} mode: no cluster GPUs to watch (k8s mode only)")
+    query = gpu_monitor.query(llm.namespace)
+    if query is None:
+        return SkipReason(
+            "no Prometheus configured: set GRACE_PROMETHEUS_URL (or the gpu_monitor resource's prometheus_url) "
+            "to the cluster's Prometheus HTTP API"
+        )
+    deployments = {deployment_name(m.slug): m.slug for m in served_models(llm.registry())}
+    try:
+        pods = pod_utilisation(query)
+    except PrometheusError as e:
+        context.log.warning(str(e))
+        return SkipReason(str(e))
+    working = runs_sending_work(context.instance, deployments, settings.judge_model)
+    decided = plan(by_deployment(pods, deployments), working, gpu_monitor.threshold_percent, gpu_monitor.window)
+    _act(context, llm, decided, deployments, settings.judge_model)
+    context.log.info(decided.summary())
+    return SkipReason(f"namespace {llm.namespace}: {decided.summary()}")
+
+
+def _act(
+    context: SensorEvaluationContext,
+    llm: LLMEndpoints,
+    decided: UtilisationPlan,
+    deployments: dict[str, str],
+    judge: str | None,
+) -> None:
+    cluster = llm.cluster()
+    for name in list(decided.scale_down):
+        # Asked again right before scaling: a run that started during this tick keeps its model.
+        runs = runs_sending_work(context.instance, deployments, judge).get(name)
+        live = cluster.get_deployment(name)
+        if runs:
+            decided.report[name] = (decided.scale_down.pop(name), runs)
+        elif live is None or replicas(live) < 1:
+            decided.scale_down.pop(name)
+        else:
+            cluster.scale(name, 0)
+    for name, (value, runs) in decided.report.items():
+        _report_to_runs(context.instance, name, deployments[name], value, runs, decided)

@@ -14,16 +14,24 @@ tool that can run here:
   recorder, its kubeconfig by a dummy file), then validated against the Kubernetes schemas and the NRP policy.
 - The run queue: Dagster's own queue daemon dequeues real queued runs against each instance config, with Dagster's
   mocked run launcher so nothing is executed.
-- The image: deploy/Dockerfile is checked statically (no docker engine here to build it).
+- The code server: the user-code subchart's templates transliterated in tests/helm_user_code.py render its
+  Deployment from the values (service account, environment), and every key we set under
+  `dagster-user-deployments` must be one those templates read: the chart's schema accepts unknown keys silently.
+- The image: deploy/Dockerfile is checked statically (no docker engine here to build it) and linted by hadolint.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,12 +50,15 @@ from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._serdes.config_class import ConfigurableClassData
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from grace_dagster.k8s.conventions import LABEL_MODEL_CLIENT, QUOTA_HARD
 from grace_dagster.k8s.manifests import load_manifests
-from grace_dagster.k8s.policy import check_objects, required_exceptions
+from grace_dagster.k8s.policy import check_objects, pod_spec, required_exceptions
 from grace_dagster.k8s.schema import KUBERNETES_VERSION, validate_object
 from grace_dagster.registry import load_registry
+from tests.helm_user_code import helm_merge, render_user_code
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_INSTANCE = ROOT / "dagster.yaml"
@@ -62,19 +73,6 @@ K8S_DEFINITIONS_URL = "https://raw.githubusercontent.com/yannh/kubernetes-json-s
 
 
 # --- helm, emulated ----------------------------------------------------------------------------------------------
-
-
-def helm_merge(defaults: Mapping, overrides: Mapping) -> dict:
-    """Helm's merge of user values onto chart defaults: maps merge key by key, anything else replaces, null deletes."""
-    merged = copy.deepcopy(dict(defaults))
-    for key, value in overrides.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = helm_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def helm_values(overrides: Mapping | None = None) -> dict:
@@ -363,6 +361,82 @@ def test_local_and_cluster_instances_apply_the_same_run_limits(tmp_path, pg_pass
     assert local["telemetry"] == cluster["telemetry"] == {"enabled": False}
 
 
+# --- the code server ----------------------------------------------------------------------------------------------
+
+# What every process on the cluster must read from its environment to use the cluster's models (resources/defaults.py
+# reads GRACE_ENDPOINTS, resources/settings.py GRACE_JUDGE_MODEL).
+CLUSTER_ENV = {"GRACE_ENDPOINTS": "k8s", "GRACE_JUDGE_MODEL": "deepseek-chat-api"}
+
+
+def _our_user_code_block() -> dict:
+    return yaml.safe_load(VALUES.read_text())["dagster-user-deployments"]
+
+
+def _code_server(values: Mapping | None = None, ours: Mapping | None = None):
+    rendered = render_user_code(values or helm_values(), ours or _our_user_code_block(), RELEASE)
+    (deployment,) = rendered.deployments
+    return deployment, rendered
+
+
+def _env(container: Mapping) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+def test_code_server_runs_as_grace_run_with_the_clusters_endpoints():
+    """The sensors run in the code server and scale model Deployments: only grace-run may (k8s/03-rbac.yaml)."""
+    deployment, rendered = _code_server()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+
+    assert pod["serviceAccountName"] == "grace-run"
+    assert _env(container).items() >= CLUSTER_ENV.items()
+    assert _env(container)["GRACE_PROMETHEUS_URL"].startswith("https://")
+    # k8s/ creates grace-run and its Role; the chart must neither create an account nor bind its own job/pod Role.
+    assert [o["kind"] for o in rendered.objects if o["kind"] in ("ServiceAccount", "Role", "RoleBinding")] == []
+    assert container["args"] == ["dagster", "api", "grpc", "-h", "0.0.0.0", "-p", "3030", *_dagster_api_args()]
+    assert validate_object(deployment) == []
+
+
+def _dagster_api_args() -> list[str]:
+    return helm_values()["dagster-user-deployments"]["deployments"][0]["dagsterApiGrpcArgs"]
+
+
+def test_every_user_code_key_we_set_is_one_the_chart_reads():
+    _, rendered = _code_server()
+    assert rendered.unread == []
+
+
+def test_a_service_account_inside_a_deployment_entry_passes_the_schema_and_is_ignored():
+    """The mistake this check exists for: the schema accepts the key, the templates never read it, and the code
+    server falls back to the chart's own account, which may not scale a model (403 on the cluster)."""
+    entry = {**_our_user_code_block()["deployments"][0], "serviceAccount": {"name": "grace-run"}}
+    ours = {"enabled": True, "enableSubchart": True, "deployments": [entry]}
+    values = helm_values({"dagster-user-deployments": {"serviceAccount": None, "rbacEnabled": None, **ours}})
+
+    deployment, rendered = _code_server(values, ours)
+
+    assert chart_schema_errors(values) == []
+    assert rendered.unread == ["deployments[].serviceAccount"]
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == (
+        "grace-dagster-dagster-user-deployments-user-deployments"
+    )
+    assert {o["kind"] for o in rendered.objects} >= {"ServiceAccount", "Role", "RoleBinding"}
+
+
+def test_run_pods_and_code_server_agree_on_the_endpoint_mode_and_judge(tmp_path, pg_password):
+    """Each process reads its own environment: the code server's never reaches a run pod
+    (includeConfigInLaunchedRuns is off), so the run launcher names the same values."""
+    _, job = _launched_job(tmp_path, {"grace/model": "gemma-2-2b", "grace/user": "alice"})
+    (run_container,) = job["spec"]["template"]["spec"]["containers"]
+    deployment, _ = _code_server()
+    (server_container,) = deployment["spec"]["template"]["spec"]["containers"]
+
+    run_env, server_env = _env(run_container), _env(server_container)
+    assert run_env.items() >= CLUSTER_ENV.items()
+    assert {k: run_env[k] for k in CLUSTER_ENV} == {k: server_env[k] for k in CLUSTER_ENV}
+    assert "DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT" not in server_env
+
+
 # --- the local instance ------------------------------------------------------------------------------------------
 
 
@@ -570,7 +644,8 @@ def test_run_pods_are_guaranteed_qos_and_pass_the_kubernetes_schema_and_nrp_poli
     assert namespace == NAMESPACE
     assert validate_object(job) == []
     assert check_objects([job, *_shared_claims()], load_registry()) == []
-    assert container["resources"]["requests"] == container["resources"]["limits"] == {"cpu": "1", "memory": "4Gi"}
+    # Sized from the measured run (the comment in values.yaml): within the NRP's 20-150% of use.
+    assert container["resources"]["requests"] == container["resources"]["limits"] == {"cpu": "500m", "memory": "2Gi"}
     assert pod["spec"]["serviceAccountName"] == "grace-run"
     assert pod["metadata"]["labels"][LABEL_MODEL_CLIENT] == "true"
     assert container["image"] == IMAGE
@@ -596,24 +671,21 @@ def test_a_run_tag_that_breaks_guaranteed_qos_is_caught_by_the_policy(tmp_path, 
 
 
 def test_dagsters_own_deployments_need_only_the_lifetime_exception():
-    """The webserver, daemon and code-server Deployments as the values size them (built from the values: helm is not
-    here to render them): within the NRP's resource rules, and long-lived, which takes the namespace-level
-    exception named in deploy/README.md."""
+    """The webserver and daemon Deployments as the values size them (built from the values: their templates are not
+    transliterated here), and the code server as the chart renders it: within the NRP's resource rules, and
+    long-lived, which takes the namespace-level exception named in deploy/README.md."""
     values = helm_values()
-    user_code = values["dagster-user-deployments"]["deployments"][0]
     sized = {
         "dagster-webserver": (
             values["dagsterWebserver"]["resources"],
             values["dagsterWebserver"]["initContainerResources"],
         ),
         "dagster-daemon": (values["dagsterDaemon"]["resources"], values["dagsterDaemon"]["initContainerResources"]),
-        f"dagster-user-code-{user_code['name']}": (user_code["resources"], None),
     }
     deployments = []
     for name, (resources, init_resources) in sized.items():
         spec: dict[str, Any] = {"containers": [{"name": "main", "image": IMAGE, "resources": resources}]}
-        if init_resources is not None:
-            spec["initContainers"] = [{"name": "check-db-ready", "image": "postgres", "resources": init_resources}]
+        spec["initContainers"] = [{"name": "check-db-ready", "image": "postgres", "resources": init_resources}]
         deployments.append(
             {
                 "apiVersion": "apps/v1",
@@ -622,9 +694,12 @@ def test_dagsters_own_deployments_need_only_the_lifetime_exception():
                 "spec": {"replicas": 1, "template": {"spec": spec}},
             }
         )
+    code_server, _ = _code_server()
+    deployments.append(code_server)
+    names = [*sized, code_server["metadata"]["name"]]
 
     violations = check_objects(deployments, load_registry())
-    assert {(v.name, v.rule) for v in violations} == {(d, "deployment-lifetime-over-2-weeks") for d in sized}
+    assert {(v.name, v.rule) for v in violations} == {(d, "deployment-lifetime-over-2-weeks") for d in names}
     assert {need.rule for need in required_exceptions(deployments)} == {"deployment-lifetime-over-2-weeks"}
 
 
@@ -638,6 +713,23 @@ def test_archive_pod_passes_the_kubernetes_schema_and_nrp_policy():
     # An interactive pod lives at most 6 hours on the NRP.
     assert pod["spec"]["activeDeadlineSeconds"] <= 6 * 3600
     assert {m["name"]: m.get("readOnly", False) for m in container["volumeMounts"]}["output"] is True
+
+
+def test_every_volume_in_k8s_is_mounted_by_something(tmp_path, pg_password):
+    """A claim nothing mounts only waits to be purged (the logs volume was one): each has a user, so each has a
+    place in the archive-then-delete order of `grace k8s cleanup-plan`."""
+    _, job = _launched_job(tmp_path, {"grace/model": "gemma-2-2b", "grace/user": "alice"})
+    (archive_pod,) = yaml.safe_load_all((DEPLOY / "archive-pod.yaml").read_text())
+    model_servers = [m.obj for m in load_manifests(ROOT / "k8s") if m.obj["kind"] == "Deployment"]
+    mounted = {
+        volume["persistentVolumeClaim"]["claimName"]
+        for workload in [job, archive_pod, *model_servers]
+        for volume in pod_spec(workload).get("volumes") or []
+        if "persistentVolumeClaim" in volume
+    }
+    claims = {claim["metadata"]["name"] for claim in _shared_claims()}
+    assert claims - mounted == set()
+    assert {"grace-input", "grace-output"} <= mounted
 
 
 # --- the image ---------------------------------------------------------------------------------------------------
@@ -668,7 +760,6 @@ def test_dockerfile_installs_everything_at_build_time_and_serves_the_helm_code_l
     pyproject = (ROOT / "pyproject.toml").read_text()
 
     assert f"{user_code['image']['repository']}:{user_code['image']['tag']}" == IMAGE
-    assert all(base == "python:3.11-slim" for base in bases)
     # The final image installs only the wheels built in the first stage, never from an index.
     assert all("--no-index" in r for r in runs if "pip install" in r)
     assert any(op == "USER" and rest != "root" for op, rest in final_stage)
@@ -679,3 +770,98 @@ def test_dockerfile_installs_everything_at_build_time_and_serves_the_helm_code_l
     assert str(user_code["port"]) in cmd
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     assert ignored[0] == "*" and "!grace_dagster" in ignored and "!pyproject.toml" in ignored
+    assert len(bases) == 2
+
+
+def test_both_stages_start_from_one_base_image_pinned_by_digest():
+    bases = [rest.split()[0] for op, rest in _dockerfile_instructions() if op == "FROM"]
+    assert len(bases) == 2 and bases[0] == bases[1], bases
+    name, _, digest = bases[0].partition("@")
+    assert name.startswith("python:3.11.") and name.endswith("-slim-bookworm"), name
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{bases[0]} is not pinned by digest"
+
+
+def test_llama_cpp_is_built_for_a_portable_cpu_baseline():
+    """GGML_NATIVE would compile for the build machine's CPU; the image must run on every node."""
+    wheel_stage = _dockerfile_instructions()[: [op for op, _ in _dockerfile_instructions()].index("FROM", 1)]
+    (cmake_args,) = [rest for op, rest in wheel_stage if op == "ENV" and rest.startswith("CMAKE_ARGS=")]
+    flags = set(json.loads(cmake_args.removeprefix("CMAKE_ARGS=")).split())
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=OFF"} <= flags
+    builds = [rest for op, rest in wheel_stage if op == "RUN" and "pip wheel" in rest]
+    # The ENV comes before the build that compiles llama-cpp-python (the one that reads the lock).
+    env_at = [rest for op, rest in wheel_stage].index(cmake_args)
+    lock_build = next(i for i, (op, rest) in enumerate(wheel_stage) if op == "RUN" and "requirements.lock" in rest)
+    assert env_at < lock_build and builds
+
+
+def test_image_installs_from_the_lock_with_hashes():
+    instructions = _dockerfile_instructions()
+    lock_builds = [rest for op, rest in instructions if op == "RUN" and "-r requirements.lock" in rest]
+    assert lock_builds and all("--require-hashes" in r for r in lock_builds)
+    assert ("COPY", "deploy/requirements.lock ./") in instructions
+    assert "!deploy/requirements.lock" in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    final_installs = [rest for op, rest in instructions[-12:] if op == "RUN" and "pip install" in rest]
+    assert final_installs and all("--no-deps" in r and "pip check" in r for r in final_installs)
+
+
+def _lock_module():
+    spec = importlib.util.spec_from_file_location("deploy_lock", DEPLOY / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _locked_versions() -> dict[str, str]:
+    pins = {}
+    for line in (DEPLOY / "requirements.lock").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9._-]+)==([^ \\;]+)", line)
+        if match:
+            pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def test_lock_file_is_up_to_date_with_pyproject():
+    """`make lock` writes deploy/requirements.lock from pyproject.toml; change one without the other and this fails."""
+    lock = _lock_module()
+    assert lock.recorded_digest() == lock.dependencies_digest(), (
+        "deploy/requirements.lock was resolved from other dependencies than pyproject.toml now lists: run `make lock` "
+        "and commit deploy/requirements.lock"
+    )
+    pins = _locked_versions()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dependency in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dependency.name)
+        assert name in pins, f"{dependency} is not in deploy/requirements.lock: run `make lock`"
+        assert dependency.specifier.contains(pins[name], prereleases=True), f"{dependency} vs locked {pins[name]}"
+    text = (DEPLOY / "requirements.lock").read_text()
+    assert text.count("==") == len(pins) and text.count("--hash=sha256:") >= len(pins)
+
+
+def test_lock_check_fails_when_pyproject_changes(tmp_path):
+    lock = _lock_module()
+    changed = tmp_path / "pyproject.toml"
+    changed.write_text((ROOT / "pyproject.toml").read_text().replace('"pandas>=2.2"', '"pandas>=2.3"'))
+    assert lock.dependencies_digest(changed) != lock.recorded_digest()
+    reformatted = tmp_path / "reformatted.toml"
+    reformatted.write_text((ROOT / "pyproject.toml").read_text().replace('"pandas>=2.2"', '"pandas >= 2.2"'))
+    assert lock.dependencies_digest(reformatted) == lock.recorded_digest()
+
+
+def _hadolint(path: Path) -> subprocess.CompletedProcess:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    return subprocess.run(
+        [str(hadolint if hadolint.exists() else "hadolint"), "--no-color", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_hadolint_passes_the_dockerfile_and_catches_a_regression(tmp_path):
+    clean = _hadolint(DEPLOY / "Dockerfile")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+
+    regressed = tmp_path / "Dockerfile"
+    regressed.write_text((DEPLOY / "Dockerfile").read_text().replace(" --no-install-recommends", ""))
+    caught = _hadolint(regressed)
+    assert caught.returncode != 0 and "DL3015" in caught.stdout

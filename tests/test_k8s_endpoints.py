@@ -1,22 +1,18 @@
 """LLMEndpoints in k8s mode, the admission check and the idle-model sensor, through the real `kubernetes` client.
 
-The Kubernetes API server here is a FAKE: no cluster is reachable from the development machines, so `FakeCluster`
-(below) is a small threaded HTTP server on 127.0.0.1 that implements exactly the calls the code makes, with the state
-of the model Deployments in memory: `GET /apis/apps/v1/namespaces/{ns}/deployments/{name}` and `PATCH .../{name}/scale`
-(merge patch only, as the real server, which refuses an object sent as a JSON patch). A scaled-up Deployment reports
-its replica ready after a short delay, to emulate a rollout. The same server answers `GET /v1/models` for the models
-whose Deployment is ready, standing in for the vLLM Services (the tests point `base_urls` at it). The Deployments it
-starts from are the committed manifests under k8s/models/. Runs are real runs in a real (temporary) Dagster instance.
+The Kubernetes API server here is a FAKE (tests/k8s_fake.py): no cluster is reachable from the development
+machines, so a small HTTP server on 127.0.0.1 answers the few calls the code makes the way a real one does where
+the code depends on it: PATCH bodies checked against the client's models, 403 for anything the Role rendered into
+k8s/03-rbac.yaml does not grant to grace-run, and 429/500 now and then while a Deployment rolls out. It starts from
+the committed manifests under k8s/models/ and also answers `GET /v1/models` for ready models, standing in for the
+vLLM Services (the tests point `base_urls` at it). Runs are real runs in a real (temporary) Dagster instance.
 """
 
 import copy
-import json
-import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import kubernetes
 import pytest
 import yaml
 from dagster import (
@@ -31,177 +27,31 @@ from dagster import (
 )
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 
+from grace_dagster.k8s import cluster as cluster_module
 from grace_dagster.k8s.admission import AdmissionRefused
-from grace_dagster.k8s.cluster import ClusterError, service_url
+from grace_dagster.k8s.cluster import ClusterError, api_client, service_url
 from grace_dagster.k8s.conventions import NAMESPACE, deployment_name
-from grace_dagster.k8s.manifests import load_manifests
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
 from grace_dagster.resources.endpoints import LLMEndpoints
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.sensors import scale_idle_models
+from tests.k8s_fake import FakeCluster, role_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = load_registry()
-COMMITTED_DEPLOYMENTS = {
-    m.obj["metadata"]["name"]: m.obj for m in load_manifests(ROOT / "k8s") if m.obj["kind"] == "Deployment"
-}
 READY_DELAY = 0.3
-_DEPLOYMENT = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+?)(/scale)?$")
 
 
-class FakeCluster:
-    """The few Kubernetes API calls of grace_dagster.k8s.cluster, plus /v1/models, over HTTP on 127.0.0.1."""
-
-    def __init__(self, ready_delay: float = READY_DELAY):
-        self.ready_delay = ready_delay
-        self.lock = threading.Lock()
-        self.deployments = {name: copy.deepcopy(obj) for name, obj in COMMITTED_DEPLOYMENTS.items()}
-        self.scaled_at: dict[str, float] = {}
-        self.never_ready: set[str] = set()
-        self.not_serving: set[str] = set()  # ready, but /v1/models does not list the model (still loading)
-        # Deployments scaled back to 0 on the first read during their rollout, as a racing idle scaler would.
-        self.race_scale_down: set[str] = set()
-        self.calls: list[tuple[str, str]] = []
-        self.scales: list[tuple[str, int]] = []
-        self.unexpected: list[str] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, code: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                fake.handle(self, "GET")
-
-            def do_PATCH(self) -> None:
-                fake.handle(self, "PATCH")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self) -> "FakeCluster":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    # --- state ---------------------------------------------------------------------------------------------------
-
-    def set_replicas(self, name: str, count: int, ready: bool = True) -> None:
-        with self.lock:
-            self.deployments[name]["spec"]["replicas"] = count
-            self.scaled_at[name] = time.monotonic() - (self.ready_delay if ready else 0)
-
-    def replicas(self, name: str) -> int:
-        with self.lock:
-            return self.deployments[name]["spec"]["replicas"]
-
-    def _status(self, name: str) -> dict:
-        count = self.deployments[name]["spec"]["replicas"]
-        rolled_out = time.monotonic() - self.scaled_at.get(name, 0.0) >= self.ready_delay
-        ready = count if rolled_out and name not in self.never_ready else 0
-        status: dict = {"observedGeneration": 1, "replicas": count}
-        if ready:
-            status["readyReplicas"] = status["availableReplicas"] = ready
-        elif count:
-            status["unavailableReplicas"] = count
-            status["conditions"] = [
-                {
-                    "type": "Available",
-                    "status": "False",
-                    "reason": "MinimumReplicasUnavailable",
-                    "message": "Deployment does not have minimum availability.",
-                }
-            ]
-        return status
-
-    def served(self) -> list[str]:
-        by_name = {deployment_name(m.slug): m.served_name for m in REGISTRY.models}
-        with self.lock:
-            return [
-                by_name[n]
-                for n in self.deployments
-                if self._status(n).get("readyReplicas") and n not in self.not_serving
-            ]
-
-    # --- HTTP ----------------------------------------------------------------------------------------------------
-
-    def handle(self, request: BaseHTTPRequestHandler, method: str) -> None:
-        path = request.path.split("?")[0]
-        self.calls.append((method, path))
-        if method == "GET" and path == "/v1/models":
-            request._send(200, {"object": "list", "data": [{"id": s, "object": "model"} for s in self.served()]})
-            return
-        match = _DEPLOYMENT.match(path)
-        if not match or match.group(1) != NAMESPACE:
-            self.unexpected.append(f"{method} {path}")
-            request._send(404, _status_body(404, "NotFound", f"the fake does not serve {method} {path}"))
-            return
-        name, scale = match.group(2), bool(match.group(3))
-        with self.lock:
-            obj = self.deployments.get(name)
-            if obj is None:
-                request._send(404, _status_body(404, "NotFound", f'deployments.apps "{name}" not found'))
-                return
-            if method == "GET" and not scale:
-                if name in self.race_scale_down and obj["spec"]["replicas"] > 0:
-                    self.race_scale_down.discard(name)
-                    obj["spec"]["replicas"] = 0
-                request._send(200, {**obj, "status": self._status(name)})
-                return
-            if method == "PATCH" and scale:
-                content_type = request.headers.get("Content-Type", "")
-                patch = json.loads(request.rfile.read(int(request.headers.get("Content-Length", 0))))
-                if content_type != "application/merge-patch+json" or not isinstance(patch, dict):
-                    request._send(
-                        400,
-                        _status_body(400, "BadRequest", f"unsupported patch {content_type} for an object body"),
-                    )
-                    return
-                count = int(patch["spec"]["replicas"])
-                obj["spec"]["replicas"] = count
-                self.scaled_at[name] = time.monotonic()
-                self.scales.append((name, count))
-                request._send(
-                    200,
-                    {
-                        "apiVersion": "autoscaling/v1",
-                        "kind": "Scale",
-                        "metadata": {"name": name, "namespace": NAMESPACE},
-                        "spec": {"replicas": count},
-                        "status": {"replicas": count, "selector": "app.kubernetes.io/name=vllm"},
-                    },
-                )
-                return
-        self.unexpected.append(f"{method} {path}")
-        request._send(405, _status_body(405, "MethodNotAllowed", f"{method} is not part of the fake"))
-
-
-def _status_body(code: int, reason: str, message: str) -> dict:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    # The fake asks for Retry-After: 1 like a real server; the tests need not wait that long.
+    monkeypatch.setattr(cluster_module, "RETRY_BASE_DELAY", 0.01)
+    monkeypatch.setattr(cluster_module, "RETRY_MAX_DELAY", 0.02)
 
 
 @pytest.fixture
 def cluster():
-    with FakeCluster() as fake:
+    with FakeCluster(ready_delay=READY_DELAY) as fake:
         yield fake
     assert not fake.unexpected, f"calls the fake does not implement: {fake.unexpected}"
 
@@ -337,6 +187,83 @@ def test_external_and_embedded_models_need_no_cluster_in_k8s_mode(cluster, monke
     assert llm.endpoint("deepseek-chat-api").base_url == "https://api.deepseek.com/v1"
     assert llm.endpoint("smollm2-135m").base_url == "http://127.0.0.1:9"
     assert cluster.calls == []
+
+
+# --- the API answers like a real one -------------------------------------------------------------------------------
+
+
+def test_readiness_wait_rides_out_429_and_500_from_the_api(cluster):
+    name = deployment_name("gemma-2-9b")
+    cluster.ready_delay = 1.5  # long enough for several polls, so the fake throttles some of them
+    cluster.flaky_every = 2
+    assert _k8s(cluster, user="alice").endpoint("gemma-2-9b").base_url == cluster.url
+    statuses = {code for code, _ in cluster.refused}
+    assert statuses == {429, 500}, cluster.refused
+    assert cluster.scales == [(name, 1)]
+
+
+def test_a_persistent_api_failure_is_reported_after_the_retries(cluster):
+    cluster.ready_delay = 60.0
+    cluster.flaky_every, cluster.flaky_statuses = 1, (500,)  # every read during the rollout fails
+    with pytest.raises(ClusterError) as info:
+        _k8s(cluster, user="alice").endpoint("gemma-2-2b")
+    message = str(info.value)
+    assert "failed to get deployments vllm-gemma-2-2b in namespace grace: HTTP" in message
+    assert f"after {cluster_module.RETRY_ATTEMPTS} attempts" in message
+    assert len(cluster.refused) == cluster_module.RETRY_ATTEMPTS
+
+
+def _role_without(resource: str) -> list[dict]:
+    rules = copy.deepcopy(role_rules())
+    for rule in rules:
+        rule["resources"] = [r for r in rule["resources"] if r != resource]
+    return rules
+
+
+def test_403_stops_at_once_and_names_the_missing_permission(cluster):
+    cluster.rules = _role_without("deployments/scale")
+    with pytest.raises(ClusterError) as info:
+        _k8s(cluster, user="alice").endpoint("gemma-2-9b")
+    message = str(info.value)
+    assert "refused to patch deployments/scale vllm-gemma-2-9b in namespace grace (HTTP 403 Forbidden" in message
+    assert 'cannot patch resource "deployments/scale" in API group "apps"' in message
+    assert "Missing permission: `patch` on `deployments/scale` for vllm-gemma-2-9b" in message
+    assert "kubectl apply -f k8s/03-rbac.yaml" in message
+    assert cluster.refused == [
+        (403, f"PATCH /apis/apps/v1/namespaces/grace/deployments/{deployment_name('gemma-2-9b')}/scale")
+    ]
+
+
+def test_a_model_the_applied_role_does_not_name_is_refused_on_read(cluster):
+    """A model added to the registry after the Role was applied: its Deployment is not in resourceNames."""
+    name = deployment_name("gemma-2-27b")
+    cluster.rules = copy.deepcopy(role_rules())
+    cluster.rules[0]["resourceNames"].remove(name)
+    with pytest.raises(ClusterError, match=r"Missing permission: `get` on `deployments` for vllm-gemma-2-27b"):
+        _k8s(cluster, user="alice").endpoint("gemma-2-27b")
+    assert cluster.scales == []
+
+
+def test_the_fake_checks_patch_bodies_against_the_client_models(cluster):
+    """What the code sends passes; what a real server would refuse, the fake refuses too."""
+    apps = kubernetes.client.AppsV1Api(api_client(cluster.url))
+    name = deployment_name("gemma-2-2b")
+
+    def patch(body, **kwargs):
+        return apps.patch_namespaced_deployment_scale(
+            name, NAMESPACE, body, _content_type="application/merge-patch+json", **kwargs
+        )
+
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        patch({"spec": {"replica": 1}}, field_validation="Strict")
+    assert info.value.status == 400 and 'unknown field \\"spec.replica\\"' in info.value.body
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        patch({"spec": {"replicas": "1"}})
+    assert info.value.status == 400 and "of type int32" in info.value.body
+    patch({"spec": {"replica": 1}})  # without Strict the server drops the unknown field and warns
+    assert cluster.warnings == ['unknown field "spec.replica"'] and cluster.replicas(name) == 0
+    patch({"spec": {"replicas": 1}}, field_validation="Strict")
+    assert cluster.replicas(name) == 1
 
 
 # --- admission ---------------------------------------------------------------------------------------------------

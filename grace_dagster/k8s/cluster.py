@@ -5,6 +5,10 @@ their `scale` subresource) are used: the Deployments are read one by one by name
 created here (`kubectl apply -R -f k8s/` does that once). Scaling goes through `deployments/scale` with a merge
 patch, as `kubectl scale` does, so nothing but the replica count is ever changed.
 
+The API answers 429 (priority and fairness) or 5xx now and then, most often while many pods start: those calls are
+retried with backoff (honouring Retry-After). A 403 is never retried: it means the Role lacks a permission, and the
+error names the verb, the resource and the object it was refused for.
+
 Ensure-ready is idempotent: under the multiprocess and k8s executors every step sets its resources up again, so
 each step may call it; a model already up is only checked. Nothing here scales down on teardown; the idle scaler
 (driven by a sensor) is the only way down.
@@ -17,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 import urllib3
@@ -30,10 +35,16 @@ from grace_dagster.k8s.render import served_models
 from grace_dagster.registry.loader import Model, Registry, VllmServing
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 # Per API call; the overall waits have their own deadline.
 REQUEST_TIMEOUT = 30.0
 MERGE_PATCH = "application/merge-patch+json"
+# Transient answers of the API server, retried: throttling (429) and server-side failures (5xx).
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_ATTEMPTS = 6
+RETRY_BASE_DELAY = 0.5
+RETRY_MAX_DELAY = 10.0
 
 
 class ClusterError(RuntimeError):
@@ -42,6 +53,52 @@ class ClusterError(RuntimeError):
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _retry_after(e: ApiException) -> float | None:
+    try:
+        return float((e.headers or {}).get("Retry-After"))
+    except (TypeError, ValueError):
+        return None
+
+
+def with_retries(call: Callable[[], T], what: str, log: Log = _quiet) -> T:
+    """`call()`, retried with exponential backoff while the API answers 429 or 5xx; other errors pass through."""
+    delay = RETRY_BASE_DELAY
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except ApiException as e:
+            if e.status not in RETRYABLE_STATUSES or attempt == RETRY_ATTEMPTS:
+                raise
+            wait = min(_retry_after(e) or delay, RETRY_MAX_DELAY)
+            log(f"the Kubernetes API answered HTTP {e.status} {e.reason} to {what}; retry {attempt} in {wait:g} s")
+            time.sleep(wait)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def api_message(e: ApiException) -> str:
+    """The API server's own message from an error's Status body (never anything the client sent)."""
+    try:
+        return str(json.loads(e.body).get("message") or "")
+    except (TypeError, ValueError, AttributeError):
+        return ""
+
+
+def forbidden(namespace: str, verb: str, resource: str, name: str | None, e: ApiException) -> ClusterError:
+    """A 403 as an error that names the missing permission and where it is granted."""
+    target = f"{resource} {name}" if name else resource
+    said = api_message(e)
+    return ClusterError(
+        f"the Kubernetes API refused to {verb} {target} in namespace {namespace} (HTTP {e.status} {e.reason}"
+        + (f": {said}" if said else "")
+        + f"). Missing permission: `{verb}` on `{resource}`"
+        + (f" for {name}" if name else "")
+        + ". What to do: run with the grace-run service account and apply the Role rendered into k8s/03-rbac.yaml "
+        "(`grace k8s render && kubectl apply -f k8s/03-rbac.yaml`), which grants get and patch on the model "
+        "Deployments and deployments/scale; a model added since needs that Role re-applied"
+    )
 
 
 def service_url(slug: str, namespace: str = NAMESPACE) -> str:
@@ -115,17 +172,13 @@ class ModelCluster:
     def _describe(self, name: str) -> str:
         return f"`kubectl -n {self.namespace} describe deployment {name}`"
 
-    def _api_error(self, e: ApiException, name: str, verb: str) -> ClusterError:
+    def _api_error(self, e: ApiException, name: str, verb: str, resource: str) -> ClusterError:
         if e.status in (401, 403):
-            return ClusterError(
-                f"the Kubernetes API refused to {verb} deployment {name} in namespace {self.namespace} "
-                f"(HTTP {e.status} {e.reason}): run with the grace-run service account and apply k8s/03-rbac.yaml, "
-                f"whose Role grants get/patch on the model Deployments and deployments/scale"
-            )
-        body = (e.body or "")[:300] if isinstance(e.body, str) else ""
+            return forbidden(self.namespace, verb, resource, name, e)
+        said = api_message(e)
         return ClusterError(
-            f"the Kubernetes API failed to {verb} deployment {name} in namespace {self.namespace}: HTTP {e.status} "
-            f"{e.reason} {body}".rstrip()
+            f"the Kubernetes API failed to {verb} {resource} {name} in namespace {self.namespace}: HTTP {e.status} "
+            f"{e.reason}" + (f": {said}" if said else "") + f" (after {RETRY_ATTEMPTS} attempts when transient)"
         )
 
     def _unreachable(self, e: Exception, name: str, verb: str) -> ClusterError:
@@ -137,13 +190,17 @@ class ModelCluster:
     def get_deployment(self, name: str) -> dict | None:
         """The live Deployment as the API returns it (camelCase, like the manifests), or None when absent."""
         try:
-            response = self.apps.read_namespaced_deployment(
-                name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            response = with_retries(
+                lambda: self.apps.read_namespaced_deployment(
+                    name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                ),
+                f"get deployment {name}",
+                self.log,
             )
         except ApiException as e:
             if e.status == 404:
                 return None
-            raise self._api_error(e, name, "read") from None
+            raise self._api_error(e, name, "get", "deployments") from None
         except urllib3.exceptions.HTTPError as e:
             raise self._unreachable(e, name, "read") from None
         return json.loads(response.data)
@@ -160,15 +217,21 @@ class ModelCluster:
 
     def scale(self, name: str, count: int) -> None:
         try:
-            self.apps.patch_namespaced_deployment_scale(
-                name,
-                self.namespace,
-                {"spec": {"replicas": count}},
-                _content_type=MERGE_PATCH,
-                _request_timeout=REQUEST_TIMEOUT,
+            with_retries(
+                lambda: self.apps.patch_namespaced_deployment_scale(
+                    name,
+                    self.namespace,
+                    {"spec": {"replicas": count}},
+                    _content_type=MERGE_PATCH,
+                    # As kubectl does: a field the server does not know is an error, never silently dropped.
+                    field_validation="Strict",
+                    _request_timeout=REQUEST_TIMEOUT,
+                ),
+                f"scale deployment {name} to {count}",
+                self.log,
             )
         except ApiException as e:
-            raise self._api_error(e, name, f"scale to {count}") from None
+            raise self._api_error(e, name, "patch", "deployments/scale") from None
         except urllib3.exceptions.HTTPError as e:
             raise self._unreachable(e, name, f"scale to {count}") from None
 

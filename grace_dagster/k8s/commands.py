@@ -1,4 +1,5 @@
-"""`grace k8s render | lint | exceptions`: the manifests for the NRP, from the registry, checked before use.
+"""`grace k8s render | lint | exceptions | cleanup-plan`: the manifests for the NRP, from the registry, checked before
+use, and what to delete when the work is done.
 
 Exit codes: 0 when everything is in order, 1 when a check fails (a violation, a schema error, drift, a missing
 exception), 2 when the input cannot be read (registry or manifest files).
@@ -164,6 +165,45 @@ def cmd_exceptions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cleanup_plan(args: argparse.Namespace) -> int:
+    from datetime import UTC, date, datetime
+
+    from grace_dagster.archive import read_receipts
+    from grace_dagster.k8s.cleanup import cleanup_plan, read_namespace, unverified_archives
+    from grace_dagster.k8s.cluster import ClusterError, api_client
+
+    registry = _registry(args.registry)
+    if registry is None:
+        return 2
+    try:
+        ended = date.fromisoformat(args.ended) if args.ended else None
+        now = datetime.combine(date.fromisoformat(args.today), datetime.min.time(), UTC) if args.today else None
+    except ValueError as e:
+        print(f"--ended/--today take a date as YYYY-MM-DD: {e}", file=sys.stderr)
+        return 2
+    if not args.archives.is_dir():
+        print(
+            f"--archives {args.archives}: not a directory (where the archive copies and receipts are)", file=sys.stderr
+        )
+        return 2
+    receipts = read_receipts(args.archives)
+    try:
+        state = read_namespace(api_client(args.api_host, args.kubeconfig, args.context), args.namespace)
+    except ClusterError as e:
+        print(e, file=sys.stderr)
+        return 2
+    lines = cleanup_plan(
+        state,
+        receipts,
+        registry,
+        now or datetime.now(UTC),
+        ended,
+        unverified_archives(args.archives, receipts),
+    )
+    print("\n".join(lines))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `k8s` command group to the `grace` parser."""
     k8s = sub.add_parser("k8s", help="Kubernetes manifests for the NRP: render, lint, exception requests")
@@ -195,6 +235,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"schemas to validate against (default: {KUBERNETES_VERSION})",
     )
     lint.set_defaults(func=cmd_lint)
+
+    plan = commands.add_parser(
+        "cleanup-plan",
+        help="list the namespace's volumes (age, verified archives) and print what to delete, in the audit's order",
+    )
+    plan.add_argument("--archives", type=Path, default=Path("."), help="where the archive copies are (default: .)")
+    plan.add_argument("--ended", help="the day the experiments ended, YYYY-MM-DD (30 days later nothing may remain)")
+    plan.add_argument("--today", help=argparse.SUPPRESS)  # a fixed date, for reproducible plans in tests
+    plan.add_argument("--namespace", default=NAMESPACE, help=f"namespace (default: {NAMESPACE})")
+    plan.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    plan.add_argument("--context", help="kubeconfig context (default: the current one)")
+    plan.add_argument("--api-host", help="Kubernetes API URL used without credentials (`kubectl proxy`)")
+    plan.add_argument("--registry", help="registry file (default: the packaged models.yaml)")
+    plan.set_defaults(func=cmd_cleanup_plan)
 
     exceptions = commands.add_parser("exceptions", help="print the exception requests to send to the NRP admins")
     exceptions.add_argument("--registry", help="registry file (default: the packaged models.yaml)")

@@ -19,7 +19,7 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 # The registry slug of the model an object serves: how the policy finds the model's NRP exceptions.
 LABEL_MODEL = "grace/model"
-# What a PVC holds: weights | input | output | logs. Weights must be on RBD, shared data on CephFS.
+# What a PVC holds: weights | input | output. Weights must be on RBD, shared data on CephFS.
 LABEL_VOLUME = "grace/volume"
 # Pods allowed to reach the model servers through the NetworkPolicy (the Dagster run and step pods).
 LABEL_MODEL_CLIENT = "grace/model-client"

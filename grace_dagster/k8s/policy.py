@@ -9,6 +9,7 @@ Every violation names the object, the rule and the fix.
 
 from __future__ import annotations
 
+import ast
 import posixpath
 import re
 import shlex
@@ -37,6 +38,8 @@ MAX_CPU_PER_POD = Decimal(16)
 LIMIT_HEADROOM = Decimal("1.2")
 # Above this many pods of one workload the NRP wants limits equal to requests.
 MANY_PODS = 100
+# Interactive (bare) pods live at most 6 hours on the NRP.
+MAX_POD_SECONDS = 6 * 3600
 
 RULES = {
     "no-statefulset": "long-running pods are Deployments, never StatefulSets",
@@ -48,7 +51,8 @@ RULES = {
     "memory-over-32gi": "more than 32 GiB of memory per pod needs a registry exception",
     "cpu-over-16": "more than 16 CPUs per pod needs a registry exception",
     "deployment-lifetime-over-2-weeks": "a Deployment meant to live beyond 2 weeks needs a registry exception",
-    "job-sleep": "no Job command ends in sleep (or sleeps forever)",
+    "job-sleep": "no Job command or Python script ends in sleep (or sleeps forever)",
+    "pod-deadline": f"bare Pods (interactive) set activeDeadlineSeconds of at most {MAX_POD_SECONDS} s (6 hours)",
     "storage-class": f"volumes use {STORAGE_RBD} or {STORAGE_CEPHFS}, never {', '.join(STORAGE_FORBIDDEN)}",
     "rbd-access-mode": f"{STORAGE_RBD} volumes are ReadWriteOnce",
     "cephfs-access-mode": f"{STORAGE_CEPHFS} volumes are ReadWriteMany, or ReadOnlyMany cloned from a source",
@@ -65,10 +69,18 @@ EXCEPTION_RULES = ("gpus-over-2", "memory-over-32gi", "cpu-over-16", "deployment
 _POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "ReplicationController", "Job"}
 _JOB_KINDS = {"Job", "CronJob"}
 _SHELLS = {"sh", "bash", "ash", "dash", "zsh", "ksh"}
+# Package installers of every ecosystem a researcher may reach for, each in the forms that fetch and install.
 _INSTALL = re.compile(
-    r"\b(?:pip3?|uv\s+pip|python[0-9.]*\s+-m\s+pip|conda|mamba|micromamba)\s+install\b"
+    r"\b(?:pip3?|python[0-9.]*\s+-m\s+pip)\s+install\b"
+    r"|\buv\s+(?:pip\s+(?:install|sync)|add|sync|tool\s+install|run\s+--with)\b|\buvx\s+\S+"
+    r"|\bpipx\s+(?:install|inject|run|upgrade)\b"
+    r"|\bpoetry\s+(?:install|add|update)\b"
+    r"|\b(?:npm|pnpm)\s+(?:install|i|ci|add)\b|\byarn\s+(?:install|add)\b|\bnpx\s+\S+"
+    r"|\b(?:conda|mamba|micromamba)\s+(?:install|create|update|env\s+(?:create|update))\b"
     r"|\b(?:apt-get|apt|yum|dnf|apk)\s+(?:install|add)\b"
+    r"|\binstall\.packages\s*\(|\b(?:remotes|devtools|BiocManager|pak)::(?:install\w*|pkg_install)\s*\("
 )
+_PYTHON = re.compile(r"^python[0-9.]*$")
 _SLEEP_STATEMENT = re.compile(r"^(?:sleep\b|tail\s+-f\s+/dev/null\b)")
 _SLEEP_FOREVER = re.compile(r"\bsleep\s+inf(?:inity)?\b")
 
@@ -370,10 +382,62 @@ def _container_resources(obj: Mapping, spec: Mapping) -> Iterator[Violation]:
                 )
 
 
+def _python_scripts(container: Mapping) -> list[str]:
+    """The `python -c` scripts a container runs, given as its argv or inside its shell script."""
+    candidates = [_argv(container)]
+    for text in _command_texts(container):
+        try:
+            candidates.append(shlex.split(text))
+        except ValueError:
+            continue  # unbalanced quotes: the shell would refuse it too
+    scripts: list[str] = []
+    for words in candidates:
+        for i, word in enumerate(words):
+            if not _PYTHON.match(posixpath.basename(word)):
+                continue
+            j = i + 1
+            while j < len(words) and words[j].startswith("-") and words[j] != "-c":
+                j += 1  # interpreter options such as -u
+            if j + 1 < len(words) and words[j] == "-c" and words[j + 1] not in scripts:
+                scripts.append(words[j + 1])
+    return scripts
+
+
+def _is_sleep_call(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    return (isinstance(func, ast.Attribute) and func.attr == "sleep") or (
+        isinstance(func, ast.Name) and func.id == "sleep"
+    )
+
+
+def _python_sleep_ending(script: str) -> str | None:
+    """How a Python script ends by sleeping (`while True: time.sleep(...)`, a final sleep), or None."""
+    try:
+        body = ast.parse(script).body
+    except SyntaxError:
+        return None
+    if not body:
+        return None
+    last = body[-1]
+    if isinstance(last, ast.Expr) and _is_sleep_call(last.value):
+        return ast.unparse(last)
+    if isinstance(last, ast.While) and isinstance(last.test, ast.Constant) and last.test.value:
+        inner = list(ast.walk(last))
+        if any(isinstance(n, ast.Break) for n in inner):
+            return None
+        sleep = next((n for n in inner if _is_sleep_call(n)), None)
+        if sleep is not None:
+            return f"while {ast.unparse(last.test)}: {ast.unparse(sleep)}"
+    return None
+
+
 def _job_sleep(obj: Mapping, spec: Mapping) -> Iterator[Violation]:
     if obj.get("kind") not in _JOB_KINDS:
         return
     for c in spec.get("containers") or []:
+        found = []
         for text in _command_texts(c):
             statements = [s.strip() for s in re.split(r";|&&|\|\||\||&|\n", text) if s.strip()]
             while statements and statements[-1] in ("done", "fi", "esac", "}", ")"):
@@ -381,11 +445,14 @@ def _job_sleep(obj: Mapping, spec: Mapping) -> Iterator[Violation]:
             last = re.sub(r"^(?:do|then|else|exec)\s+", "", statements[-1]) if statements else ""
             forever = _SLEEP_FOREVER.search(text)
             if _SLEEP_STATEMENT.match(last):
-                what = f"ends its command with {last!r}"
+                found.append(f"ends its command with {last!r}")
             elif forever:
-                what = f"runs {forever.group(0)!r} in its command"
-            else:
-                continue
+                found.append(f"runs {forever.group(0)!r} in its command")
+        for script in _python_scripts(c):
+            ending = _python_sleep_ending(script)
+            if ending is not None:
+                found.append(f"ends its Python script with {ending!r}")
+        for what in found[:1]:
             yield Violation(
                 str(obj.get("kind")),
                 _name(obj),
@@ -395,6 +462,28 @@ def _job_sleep(obj: Mapping, spec: Mapping) -> Iterator[Violation]:
                 "let the Job exit when its work is done (use a Deployment, or an interactive pod "
                 "for at most 6 hours, to keep a shell around)",
             )
+
+
+def _pod_deadline(obj: Mapping, spec: Mapping) -> Iterator[Violation]:
+    """A bare Pod is an interactive pod to the NRP: it must end by itself within 6 hours."""
+    if obj.get("kind") != "Pod":
+        return
+    deadline = spec.get("activeDeadlineSeconds")
+    if isinstance(deadline, int) and not isinstance(deadline, bool) and 0 < deadline <= MAX_POD_SECONDS:
+        return
+    problem = (
+        "is a bare Pod without spec.activeDeadlineSeconds"
+        if deadline is None
+        else f"is a bare Pod with spec.activeDeadlineSeconds {deadline!r}"
+    )
+    yield Violation(
+        "Pod",
+        _name(obj),
+        "pod-deadline",
+        f"{problem}; the NRP allows interactive pods at most {MAX_POD_SECONDS // 3600} hours",
+        f"set spec.activeDeadlineSeconds to at most {MAX_POD_SECONDS} (6 hours), or run the work as a Job "
+        "that exits when done",
+    )
 
 
 def _claims(objects: list[Mapping]) -> dict[str, Mapping]:
@@ -631,6 +720,7 @@ def check_objects(objects: Iterable[Mapping], registry: Registry) -> list[Violat
         if spec is not None:
             violations += _container_resources(obj, spec)
             violations += _job_sleep(obj, spec)
+            violations += _pod_deadline(obj, spec)
             violations += _pod_volumes(obj, spec, claims)
     violations += _exception_violations(objects, registry)
     violations += _quota(objects)

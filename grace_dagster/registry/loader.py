@@ -79,11 +79,16 @@ class ExternalServing(_Strict):
 Serving = Annotated[EmbeddedServing | VllmServing | ExternalServing, Field(discriminator="backend")]
 
 
+ResourceField = Literal["gpus", "cpu", "memory_gib", "storage_gib"]
+
+
 class Resources(_Strict):
     gpus: int = Field(ge=0, le=MAX_GPUS_PER_POD)
     cpu: float = Field(ge=0)
     memory_gib: float = Field(ge=0, le=MAX_MEMORY_GIB_PER_POD)
     storage_gib: float = Field(ge=0)
+    # Why each figure is what it is (a measurement, a documented need): the NRP flags use outside 20-150% of requests.
+    reasons: dict[ResourceField, str] = {}
 
 
 class NrpException(_Strict):

@@ -3,6 +3,7 @@
 import os
 
 from grace_dagster.resources.endpoints import LLMEndpoints
+from grace_dagster.resources.monitoring import GpuMonitor
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.resources.storage import Storage
 
@@ -16,4 +17,6 @@ def default_resources() -> dict[str, object]:
         # local: embedded servers on this machine; k8s: the models' vLLM Deployments (set on the cluster).
         "llm": LLMEndpoints(mode=os.environ.get("GRACE_ENDPOINTS", "local")),
         "settings": ExperimentSettings(),
+        # The cluster's Prometheus (GRACE_PROMETHEUS_URL), for the GPU-utilisation sensor.
+        "gpu_monitor": GpuMonitor(),
     }
