@@ -115,6 +115,11 @@ def _report(model: str, study: str, result) -> PartitionReport:
         metadata = event.materialization.metadata
         if "csv" in metadata:
             report.outputs[event.asset_key.to_user_string()] = metadata["csv"].value
+        if "review_queue" in metadata:
+            report.notes.append(
+                f"review queue: {metadata['review_queue_rows'].value} rows need a person "
+                f"({metadata['review_queue_unreviewed'].value} not reviewed yet): {metadata['review_queue'].value}"
+            )
         if "partitions_read_and_refused" in metadata:
             report.notes.append(
                 f"{event.asset_key.to_user_string()} read:\n{metadata['partitions_read_and_refused'].value}"

@@ -16,7 +16,7 @@ from grace_dagster.assets import common
 from grace_dagster.assets.partitions import model_study_partitions
 from grace_dagster.resources import Storage
 from grace_dagster.resources.settings import ExperimentSettings
-from grace_dagster.studies import Study
+from grace_dagster.studies import STUDIES, Study
 
 MAX_LISTED = 20
 
@@ -41,6 +41,8 @@ class CheckContext:
     trials: pd.DataFrame
     settings: ExperimentSettings
     study: Study
+    # The same asset's tables of this model for every study that has one (this partition's included).
+    model_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 Evaluate = Callable[[pd.DataFrame, CheckContext], CheckOutcome]
@@ -75,6 +77,8 @@ def table_check(
             )
         table = storage.read_table(path)
         trials = common.load_trials(storage, settings, part.study)
-        return evaluate(table, CheckContext(trials, settings, part.study)).to_result(severity, description)
+        siblings = {s: table_path(storage, common.Partition(part.model, STUDIES[s])) for s in STUDIES}
+        tables = {s: storage.read_table(p) for s, p in siblings.items() if p.exists()} | {part.study.name: table}
+        return evaluate(table, CheckContext(trials, settings, part.study, tables)).to_result(severity, description)
 
     return _check

@@ -7,7 +7,7 @@ from functools import partial
 import pandas as pd
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from grace_dagster.assets import common
+from grace_dagster.assets import common, review
 from grace_dagster.assets.batches import model_request_key, run_checkpointed
 from grace_dagster.assets.checks import CheckContext, CheckOutcome, table_check
 from grace_dagster.assets.partitions import model_study_partitions
@@ -140,6 +140,7 @@ def exp1_responses(
     table = trials.merge(answers, on=ID_COLUMN, how="left", validate="one_to_many")
     csv = storage.path("csv", f"{part.model}_{part.study.name}_raw_responses.csv")
     parquet, _ = storage.write_table(table, responses_path(storage, part), csv)
+    review.record_readings_version(context, storage, part.model, part.study.name)
     first_turn = f"response_{part.study.exp1_turns[0].key}"
     return MaterializeResult(
         metadata={

@@ -7,6 +7,7 @@ run.
 """
 
 import hashlib
+import json
 import sys
 from dataclasses import dataclass
 
@@ -18,10 +19,13 @@ from grace_dagster.assets.batches import model_request_key, run_checkpointed
 from grace_dagster.assets.checks import CheckContext, CheckOutcome, table_check
 from grace_dagster.assets.exp1 import EXP1_CHECKS, exp1_responses, responses_path
 from grace_dagster.assets.partitions import model_study_partitions
+from grace_dagster.assets.review import review_readings, reviewed_path
+from grace_dagster.files import atomic_write
 from grace_dagster.llm import extraction
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import ID_COLUMN, Study
+from grace_dagster.studies import review as review_queue
 from grace_dagster.studies.base import Turn
 
 CODE_VERSION = common.code_version(extraction, sys.modules[__name__])
@@ -31,8 +35,27 @@ RESPONSES_BLOCKING = gate.blocking_check_names(exp1_responses.key, EXP1_CHECKS)
 ROW = [ID_COLUMN, "sample"]  # one structured row per trial × sample
 
 
+TEXT_COLUMNS = [
+    "extraction",
+    "extraction_detail",
+    "failure_reason",
+    "judge_audit",
+    "judge_reading",
+    "machine_extraction",
+    "machine_reading",
+    "machine_reason",
+    "reviewer",
+    "review_note",
+]
+
+
 def structured_path(storage: Storage, part: common.Partition):
     return storage.path("exp1", "structured", part.model, f"{part.study.name}.parquet")
+
+
+def queue_path(storage: Storage, part: common.Partition):
+    """The partition's review queue, written by the asset; the researcher hands it back as `reviewed_path`."""
+    return storage.path("review", f"{part.model}_{part.study.name}_queue.csv")
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,7 @@ class ExtractionCounts:
     extracted: int
     parser: int
     judge: int
+    human: int
     failed: int
     judge_abstained: int
     audited: int
@@ -58,8 +82,9 @@ class ExtractionCounts:
             extracted=int((table["extraction"] != "failed").sum()),
             parser=int(counts.get("parser", 0)),
             judge=int(counts.get("judge", 0)),
+            human=int(counts.get("human", 0)),
             failed=int(counts.get("failed", 0)),
-            judge_abstained=int(reasons.str.contains(extraction.NOT_ANSWERED, regex=False).sum()),
+            judge_abstained=int(reasons.str.contains(extraction.JUDGE_NOT_ANSWERED, regex=False).sum()),
             audited=len(audit),
             agreed=int((audit == "agree").sum()),
         )
@@ -93,7 +118,7 @@ class JudgeTask:
     key=["exp1", "structured"],
     partitions_def=model_study_partitions,
     pool=common.ENDPOINT_POOL,
-    deps=[exp1_responses],
+    deps=[exp1_responses, review_readings],
     group_name="exp1",
     kinds={"python", "parquet"},
     code_version=CODE_VERSION,
@@ -115,6 +140,9 @@ def exp1_structured(
     if not verdict.usable:
         raise Failure(f"exp1/responses {part.label} is not usable: {verdict.status}")
     responses = storage.read_table(responses_path(storage, part))
+    # A person's readings are checked whole before anything is asked or written: a bad file changes nothing.
+    reviewed_csv = reviewed_path(storage, part.model, study.name)
+    review = review_queue.read_reviewed(study, reviewed_csv, responses)
     judge_model = llm.registry().get(settings.judge_model)
     if judge_model.kind != "instruct":
         raise ValueError(
@@ -155,34 +183,46 @@ def exp1_structured(
         return extraction.Extraction.from_record(outcome.records[key_of[(row_id, turn_key)]])
 
     columns = study.answer_dtypes
+    fields = list(study.answer.model_fields)
     table_rows = []
     for row_id, turns in readings.items():
         final, detail = extraction.combine(
             study.answer, {key: e if e is not None else judged(row_id, key) for key, e in turns.items()}
         )
-        audit = None
+        judge_reading, audit = None, None
         if row_id in audited:
             audit_reading, _ = extraction.combine(study.answer, {key: judged(row_id, key) for key in turns})
-            audit = _audit_verdict(audit_reading, final)
+            audit, judge_reading = _audit_verdict(audit_reading, final), _judge_reading(audit_reading, fields)
+        elif any(e is None for e in turns.values()):
+            judge_reading = _judge_reading(final, fields)
+        human = review.readings.get(row_id)
+        reading = final if human is None else _human_extraction(human)
         table_rows.append(
             {
                 ID_COLUMN: row_id[0],
                 "sample": row_id[1],
-                **{c: (final.values or {}).get(c) for c in columns},
-                "extraction": final.method,
+                **{c: (reading.values or {}).get(c) for c in columns},
+                "extraction": reading.method,
                 "extraction_detail": detail,
-                "failure_reason": final.reason if final.method == "failed" else None,
+                "failure_reason": reading.reason if reading.method == "failed" else None,
                 "judge_attempts": final.attempts,
                 "judge_audit": audit,
+                "judge_reading": judge_reading,
+                "machine_extraction": final.method,
+                "machine_reading": review_queue.format_reading(study, final.values),
+                "machine_reason": final.reason if final.method == "failed" else None,
+                "reviewer": human.reviewer if human else None,
+                "review_note": human.note if human else None,
             }
         )
     turn_columns = [f"{kind}_{t.key}" for t in study.exp1_turns for kind in ("response", "finish_reason")]
     keep = [*ROW, *[c for c in study.factor_columns if c in responses], *turn_columns]
     table = responses[keep].merge(pd.DataFrame(table_rows), on=ROW, how="left", validate="one_to_one")
-    table = table.astype(
-        {**columns, "extraction": "string", "extraction_detail": "string", "failure_reason": "string"}
-        | {"judge_audit": "string"}
-    )
+    table = table.astype({**columns, **{c: "string" for c in TEXT_COLUMNS}})
+    prompts = {(getattr(r, ID_COLUMN), int(r.sample)): study.exp1_prompts(r) for r in responses.itertuples(index=False)}
+    queue = review_queue.queue(study, table, prompts, review)
+    queue_csv = queue_path(storage, part)
+    atomic_write(queue_csv, lambda tmp: queue.to_csv(tmp, index=False))
 
     csv = storage.path("csv", f"{part.model}_{study.name}_structured.csv")
     parquet, _ = storage.write_table(table, structured_path(storage, part), csv, csv_names=study.csv_names)
@@ -190,8 +230,9 @@ def exp1_structured(
     n = max(counts.rows, 1)
     accuracy = counts.judge_accuracy
     context.log.info(
-        f"structured {part.label}: {counts.parser} parser, {counts.judge} judge, "
-        f"{counts.failed} failed ({counts.judge_abstained} of them 'not answered' by the judge) of {counts.rows}"
+        f"structured {part.label}: {counts.parser} parser, {counts.judge} judge, {counts.human} human, "
+        f"{counts.failed} failed ({counts.judge_abstained} of them 'not answered' by the judge) of {counts.rows}; "
+        f"review queue: {len(queue)} rows in {queue_csv}"
     )
     return MaterializeResult(
         metadata={
@@ -205,6 +246,14 @@ def exp1_structured(
             "judge_not_answered": counts.judge_abstained,
             "judge_audited": counts.audited,
             "judge_accuracy": round(accuracy, 4) if accuracy is not None else "n/a (no row to audit)",
+            "human_share": round(counts.human / n, 4),
+            "review_queue": MetadataValue.path(str(queue_csv)),
+            "review_queue_rows": len(queue),
+            "review_queue_unreviewed": int((queue[review_queue.REVIEWER] == "").sum()),
+            "reviewed_file": MetadataValue.path(str(reviewed_csv)) if review.sha256 else "none",
+            "reviewed_file_sha256": review.sha256 or "none",
+            "reviewed_rows": len(review.readings),
+            "reviewers": MetadataValue.json(review.reviewers),
             "csv": MetadataValue.path(str(csv)),
             "csv_columns_for_r": MetadataValue.json(list(study.csv_names.values())),
             "parquet": MetadataValue.path(str(parquet)),
@@ -225,6 +274,20 @@ def _parser_readings(study: Study, row) -> dict[str, extraction.Extraction | Non
     }
 
 
+def _judge_reading(found: extraction.Extraction, fields: list[str]) -> str:
+    """What the judge read, to compare with a person's reading: the answer's fields as JSON, or why there is none."""
+    if found.method != "failed":
+        return json.dumps({f: found.values[f] for f in fields}, sort_keys=True)
+    return extraction.NOT_ANSWERED if extraction.NOT_ANSWERED in (found.reason or "") else "failed"
+
+
+def _human_extraction(human: review_queue.HumanReading) -> extraction.Extraction:
+    if human.values is None:
+        note = f": {human.note}" if human.note else ""
+        return extraction.Extraction("failed", None, f"{extraction.NOT_ANSWERED} (reviewer {human.reviewer}{note})")
+    return extraction.Extraction("human", human.values)
+
+
 def _audit_verdict(audit: extraction.Extraction, parser: extraction.Extraction) -> str:
     """How the judge read a row the parser read: agree, disagree, not answered (it abstained), or failed."""
     if audit.method == "failed":
@@ -240,7 +303,7 @@ def answers_comply_with_schema(table: pd.DataFrame, check: CheckContext) -> Chec
     for row in table.itertuples(index=False):
         method = row.extraction
         values = {f: _plain(getattr(row, f)) for f in fields}
-        if method in ("parser", "judge"):
+        if method in ("parser", "judge", "human"):
             valid, problem = extraction.validate(check.study.answer, values)
             computed = {f: _plain(getattr(row, f)) for f in check.study.answer.model_computed_fields}
             if valid is not None and any(valid[f] != v for f, v in computed.items()):
@@ -311,6 +374,49 @@ def judge_agrees_with_parser(table: pd.DataFrame, check: CheckContext) -> CheckO
     )
 
 
+def judge_agrees_with_people(table: pd.DataFrame, check: CheckContext) -> CheckOutcome:
+    """Where a researcher reviewed a row the judge also read, the judge's reading against the person's: the judge's
+    accuracy on real labels, for this partition and for the model's partitions of every study. Once enough rows are
+    reviewed, a judge below settings.min_judge_accuracy may not decide rows unreviewed: the partition is blocked
+    until the rest of its judge-decided rows are reviewed (or the judge is replaced)."""
+    threshold, minimum = check.settings.min_judge_accuracy, check.settings.min_reviewed_for_judge_accuracy
+    fields = list(check.study.answer.model_fields)
+    here = _judge_against_people(table, fields)
+    everywhere = pd.concat([_judge_against_people(t, fields) for t in check.model_tables.values()])
+    accuracy = here["agrees"].mean() if len(here) else None
+    unreviewed = int(((table["machine_extraction"] == "judge") & table["reviewer"].isna()).sum())
+    trusted = accuracy is None or len(here) < minimum or accuracy >= threshold
+    return CheckOutcome(
+        passed=trusted or unreviewed == 0,
+        metadata={
+            "compared_rows": len(here),
+            "judge_accuracy_vs_people": round(float(accuracy), 4) if accuracy is not None else "n/a (none reviewed)",
+            "model_compared_rows": len(everywhere),
+            "model_judge_accuracy_vs_people": round(float(everywhere["agrees"].mean()), 4)
+            if len(everywhere)
+            else "n/a",
+            "min_reviewed_rows": minimum,
+            "threshold": threshold,
+            "judge_decided_rows_unreviewed": unreviewed,
+        },
+        worst=here.loc[~here["agrees"], [ID_COLUMN, "judge_reading", "human_reading", "reviewer"]],
+    )
+
+
+def _judge_against_people(table: pd.DataFrame, fields: list[str]) -> pd.DataFrame:
+    """Rows a person reviewed and the judge read, with the person's reading and whether the judge agrees."""
+    rows = table[table["reviewer"].notna() & table["judge_reading"].notna()]
+    human = [
+        {f: _plain(getattr(r, f)) for f in fields} if r.extraction == "human" else None
+        for r in rows.itertuples(index=False)
+    ]
+    judge = [None if j in (extraction.NOT_ANSWERED, "failed") else json.loads(j) for j in rows["judge_reading"]]
+    return rows.assign(
+        human_reading=[json.dumps(h, sort_keys=True) if h else extraction.NOT_ANSWERED for h in human],
+        agrees=pd.Series([j == h for j, h in zip(judge, human)], index=rows.index, dtype=bool),
+    )
+
+
 def _responses(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c.startswith("response_")]
 
@@ -338,6 +444,16 @@ STRUCTURED_CHECKS = [
         "The share of answers extracted (by parser or judge) is at least settings.min_extraction_rate.",
         structured_path,
         extraction_rate,
+        blocking=True,
+    ),
+    table_check(
+        exp1_structured.key,
+        "judge_agrees_with_people",
+        "Where a researcher reviewed a row the judge read, the judge's reading matches theirs at least "
+        "settings.min_judge_accuracy of the time (once settings.min_reviewed_for_judge_accuracy rows are "
+        "reviewed); a judge below that does not decide rows unreviewed.",
+        structured_path,
+        judge_agrees_with_people,
         blocking=True,
     ),
     table_check(

@@ -19,9 +19,11 @@ from pydantic import BaseModel, ValidationError
 
 from grace_dagster.llm.client import LLMClient
 
-Method = Literal["parser", "judge", "failed"]
+# human: a researcher's reading from the review file (grace_dagster/studies/review.py), overriding the machine's.
+Method = Literal["parser", "judge", "human", "failed"]
 JUDGE_MAX_TOKENS = 200  # a schema's JSON is short; a judge running past this is rambling, and that is a failure
-NOT_ANSWERED = "not answered"  # how a failure reason starts when the judge found no answer in the reply
+NOT_ANSWERED = "not answered"  # how a failure reason starts when no answer was found in the reply
+JUDGE_NOT_ANSWERED = f"{NOT_ANSWERED} (judge"
 REASON_MAX_LENGTH = 160
 
 
@@ -154,7 +156,7 @@ def _reading(answer: type[BaseModel], content: str) -> tuple[Extraction | None, 
         return None, 'expected an object with "answered": true or false'
     if found["answered"] is False:
         reason = str(found.get("reason") or "no reason given")[:REASON_MAX_LENGTH]
-        return Extraction("failed", None, f"{NOT_ANSWERED} (judge: {reason})"), None
+        return Extraction("failed", None, f"{JUDGE_NOT_ANSWERED}: {reason})"), None
     fields = {key: value for key, value in found.items() if key != "answered"}
     missing = [name for name in answer.model_fields if name not in fields]
     if missing:

@@ -46,7 +46,14 @@ class ExperimentSettings(ConfigurableResource):
         default=0.95, ge=0, le=1, description="Blocking: the share of answers extracted (the research plan's 95%)."
     )
     min_judge_accuracy: float = Field(
-        default=0.9, ge=0, le=1, description="WARN when the judge agrees with the parser on fewer audited rows."
+        default=0.9,
+        ge=0,
+        le=1,
+        description="WARN when the judge agrees with the parser on fewer audited rows; blocking when it agrees with "
+        "researchers' readings on fewer reviewed rows and has decided rows nobody reviewed.",
+    )
+    min_reviewed_for_judge_accuracy: int = Field(
+        default=10, ge=1, description="Reviewed rows the judge also read before its accuracy against people counts."
     )
 
     def subset(self, trials: pd.DataFrame) -> pd.DataFrame:

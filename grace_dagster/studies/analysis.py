@@ -17,7 +17,8 @@ import pandas as pd  # noqa: E402
 from grace_dagster.studies.base import ID_COLUMN, AnalysisInput  # noqa: E402
 
 REFERENCE_DIR = Path(__file__).with_name("reference")
-EXTRACTION_COLUMN = "extraction"  # parser | judge | failed, in the structured table
+EXTRACTION_COLUMN = "extraction"  # parser | judge | human | failed, in the structured table
+EXTRACTED = ["parser", "judge", "human"]
 
 
 def reference_csv(name: str) -> pd.DataFrame:
@@ -70,7 +71,7 @@ def model_trial_table(inp: AnalysisInput, exp1_columns: list[str], exp2_columns:
 def usable_exp1(table: pd.DataFrame) -> pd.DataFrame:
     """Rows whose Experiment 1 answer was extracted (failed extractions are not answers)."""
     column = f"exp1_{EXTRACTION_COLUMN}"
-    return table[table[column].isin(["parser", "judge"])] if column in table else table.iloc[0:0]
+    return table[table[column].isin(EXTRACTED)] if column in table else table.iloc[0:0]
 
 
 def fit(model_values: pd.Series, human_values: pd.Series) -> dict[str, float]:

@@ -40,14 +40,14 @@ class Problem:
 class InputError(ValueError):
     """A study input file is unusable. Carries every problem found, each with row and column."""
 
-    def __init__(self, path: Path, problems: list[Problem]):
+    def __init__(self, path: Path, problems: list[Problem], what: str = "study input"):
         self.path = path
         self.problems = problems
         shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_LISTED])
         more = len(problems) - MAX_PROBLEMS_LISTED
         tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(
-            f"{path}: {len(problems)} problem(s) in the study input; fix the file and rerun "
+            f"{path}: {len(problems)} problem(s) in the {what}; fix the file and rerun "
             f"(nothing was written and no model was asked):\n{shown}{tail}"
         )
 
@@ -103,7 +103,7 @@ def one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def decode_csv(path: Path, raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -147,7 +147,7 @@ def read_study_csv(
         expected = ", ".join(c.name for c in columns if c.required)
         raise InputError(path, [Problem(None, None, f"the file is empty; expected a header row with {expected}")])
 
-    reader = csv.reader(io.StringIO(_decode(path, raw), newline=""))
+    reader = csv.reader(io.StringIO(decode_csv(path, raw), newline=""))
     header = [name.strip() for name in next(reader)]
     problems: list[Problem] = []
 
