@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from dagster import DagsterInstance, MultiPartitionKey, materialize
@@ -44,3 +50,29 @@ def run(instance: DagsterInstance, res: dict, asset_key, model: str, study: str,
 def metadata(result, asset_key) -> dict:
     (materialization,) = [m for m in result.get_asset_materialization_events() if m.asset_key == asset_key]
     return {k: v.value for k, v in materialization.materialization.metadata.items()}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def checkpoint_records(path: Path) -> list[dict]:
+    """The complete lines of a checkpoint file (a run killed mid-write may leave a torn last line)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def kill_part_way(home: Path, data: Path, select: str, partition: str, config: dict, ready) -> None:
+    """Materialize `select` for `partition` in a real `dagster asset materialize` process (as a run launched from a
+    terminal) and SIGKILL its whole process group once `ready()` is true: the run dies mid-partition."""
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GRACE_DATA_DIR": str(data)}
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "grace_dagster.definitions"]
+    command += ["--select", select, "--partition", partition, "--config-json", json.dumps(config)]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not ready() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,15 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 
 
-def _checkpoint_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-
-
 def _conversations(path: Path) -> list[dict]:
     """The finished conversations in a checkpoint (the other lines are their turns)."""
-    return [record for record in _checkpoint_lines(path) if "turns" in record]
+    return [record for record in pipeline.checkpoint_records(path) if "turns" in record]
 
 
 @pytest.mark.slow
@@ -47,17 +36,8 @@ def test_killed_run_resumes_with_each_trial_once_and_no_repeat_requests(tmp_path
     checkpoint = tmp_path / "data" / "checkpoints" / "exp1" / "smollm2-135m" / "study2.jsonl"
 
     config = {"resources": {"settings": {"config": {"trial_limit": 8, "max_tokens": 24}}}}
-    env = {**os.environ, "DAGSTER_HOME": str(home), "GRACE_DATA_DIR": str(tmp_path / "data")}
-    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "grace_dagster.definitions"]
-    command += ["--select", "exp1/responses", "--partition", "smollm2-135m|study2", "--config-json", json.dumps(config)]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
-    while len(_conversations(checkpoint)) < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    ready = lambda: len(_conversations(checkpoint)) >= 2  # noqa: E731
+    pipeline.kill_part_way(home, tmp_path / "data", "exp1/responses", "smollm2-135m|study2", config, ready)
     answered_before = {r["trial_id"] for r in _conversations(checkpoint)}
     assert 2 <= len(answered_before) < 8, "the run was killed part-way"
 
@@ -143,7 +123,7 @@ def test_study1_conversation_resumes_at_the_turn_it_was_on(tmp_path, servers):
     first = pipeline.run(instance, res, exp1_responses.key, MODEL, "study1")
     assert first.success and pipeline.metadata(first, exp1_responses.key)["requests_made"] == 6  # 2 trials × 3 turns
     checkpoint = tmp_path / "data" / "checkpoints" / "exp1" / MODEL / "study1.jsonl"
-    records = _checkpoint_lines(checkpoint)
+    records = pipeline.checkpoint_records(checkpoint)
     conversations = [r for r in records if "turns" in r]
     assert len(conversations) == 2 and all(len(r["turns"]) == 3 for r in conversations)
     for conversation in conversations:
@@ -159,5 +139,5 @@ def test_study1_conversation_resumes_at_the_turn_it_was_on(tmp_path, servers):
     assert second.success and meta["requests_made"] == 2 and meta["cache_hits"] == 1
     table = pd.read_parquet(tmp_path / "data" / "exp1" / "responses" / MODEL / "study1.parquet")
     assert len(table) == 2 and table[["response_prior", "response_bets", "response_knowledge"]].notna().all().all()
-    redone = [r for r in _checkpoint_lines(checkpoint) if r["key"] == lost]
+    redone = [r for r in pipeline.checkpoint_records(checkpoint) if r["key"] == lost]
     assert redone[0]["turns"][0] == conversations[0]["turns"][0], "the kept first turn was reused, not asked again"

@@ -52,15 +52,31 @@ class Checkpoint:
     def _load(self) -> None:
         raw = self.path.read_bytes()
         if raw and not raw.endswith(b"\n"):
-            # A run killed mid-write leaves a torn last line: drop it, or the next record would be glued to it.
-            raw = raw[: raw.rfind(b"\n") + 1]
-            self._file.truncate(len(raw))
-        for line in raw.decode("utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                self.records.setdefault(record["key"], record)
-            except (ValueError, KeyError, TypeError):
+            # A run killed mid-write leaves a last line without its newline: kept if it is a whole record, dropped
+            # if torn (its request is asked again), so the next record is never glued to it.
+            cut = raw.rfind(b"\n") + 1
+            if self._record(raw[cut:]) is None:
+                raw = raw[:cut]
+                self._file.truncate(cut)
+                self.skipped_lines += 1
+            else:
+                raw += b"\n"
+                self._file.write("\n")
+                self._file.flush()
+        for line in raw.split(b"\n")[:-1]:
+            record = self._record(line)
+            if record is None:
                 self.skipped_lines += 1  # unreadable: its request is simply asked again
+            else:
+                self.records.setdefault(record["key"], record)
+
+    @staticmethod
+    def _record(line: bytes) -> dict | None:
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("key"), str) else None
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
