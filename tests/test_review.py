@@ -133,6 +133,30 @@ def test_a_judge_below_the_threshold_on_reviewed_rows_blocks_while_it_decides_ro
     assert judge_agrees_with_people(
         all_reviewed, CheckContext(pd.DataFrame(), settings, STUDY2, {"study2": all_reviewed})
     ).passed
+    study1 = pd.DataFrame(  # the model's study 1 partition: one reviewed row the judge read wrong
+        [
+            {
+                "trial_id": "s1",
+                "Prior_A": 2,
+                "Bet_0": 0,
+                "Bet_1": 0,
+                "Bet_2": 100,
+                "Bet_3": 0,
+                "Knowledge_A": "no",
+                "extraction": "human",
+                "reviewer": "ana",
+                "machine_extraction": "judge",
+                "judge_reading": json.dumps(
+                    {"Prior_A": 1, "Bet_0": 0, "Bet_1": 0, "Bet_2": 100, "Bet_3": 0, "Knowledge_A": "no"}
+                ),
+            }
+        ]
+    )
+    both = CheckContext(pd.DataFrame(), settings, STUDY2, {"study1": study1, "study2": table})
+    outcome = judge_agrees_with_people(table, both)
+    assert outcome.metadata["model_compared_rows"] == 11 and outcome.metadata[
+        "model_judge_accuracy_vs_people"
+    ] == round(8 / 11, 4)
     too_few = _judged(4, 2, 3)  # 6 reviewed rows: not yet enough to judge the judge
     assert judge_agrees_with_people(too_few, CheckContext(pd.DataFrame(), settings, STUDY2, {"study2": too_few})).passed
 

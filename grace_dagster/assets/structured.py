@@ -24,7 +24,7 @@ from grace_dagster.files import atomic_write
 from grace_dagster.llm import extraction
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.resources.settings import ExperimentSettings
-from grace_dagster.studies import ID_COLUMN, Study
+from grace_dagster.studies import ID_COLUMN, STUDIES, Study
 from grace_dagster.studies import review as review_queue
 from grace_dagster.studies.base import Turn
 
@@ -382,7 +382,9 @@ def judge_agrees_with_people(table: pd.DataFrame, check: CheckContext) -> CheckO
     threshold, minimum = check.settings.min_judge_accuracy, check.settings.min_reviewed_for_judge_accuracy
     fields = list(check.study.answer.model_fields)
     here = _judge_against_people(table, fields)
-    everywhere = pd.concat([_judge_against_people(t, fields) for t in check.model_tables.values()])
+    everywhere = pd.concat(
+        [_judge_against_people(t, list(STUDIES[s].answer.model_fields)) for s, t in check.model_tables.items()]
+    )
     accuracy = here["agrees"].mean() if len(here) else None
     unreviewed = int(((table["machine_extraction"] == "judge") & table["reviewer"].isna()).sum())
     trusted = accuracy is None or len(here) < minimum or accuracy >= threshold
