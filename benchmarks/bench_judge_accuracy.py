@@ -118,7 +118,7 @@ def run(judge: str, data: Path, labels: list) -> dict:
         for index, trial in queue.iterrows():
             person = _person(by_id[trial.trial_id]) or {}
             for field, column in columns.items():
-                queue.loc[index, column] = person.get(field, "")
+                queue.loc[index, column] = str(person.get(field, ""))
         queue[REVIEWER] = "fixture"
         queue.to_csv(data / "review" / f"{PARTITION_MODEL}_{name}_reviewed.csv", index=False)
         second = materialize(

@@ -32,7 +32,7 @@ BACKFILL_STATUS = """
 query($id: String!) {
   partitionBackfillOrError(backfillId: $id) {
     __typename
-    ... on PartitionBackfill { status runs(limit: 100) { runId status tags { key value } } }
+    ... on PartitionBackfill { id status runs(limit: 100) { runId status tags { key value } } }
     ... on PythonError { message }
   }
 }"""
@@ -149,6 +149,24 @@ class DagsterDev:
                 return backfill
             time.sleep(2)
         raise TimeoutError(f"backfill {launched['backfillId']} did not finish in {timeout} s; see {self.log}")
+
+    def launch_partition(self, assets: list[list[str]], model: str, study: str, tags: dict | None = None) -> str:
+        """Launch one run of partitioned assets for `model|study`, as the UI's Materialize dialog does (the run waits in
+        the instance's queue); returns its id without waiting."""
+        partition = {"dagster/partition": f"{model}|{study}", "dagster/partition/model": model}
+        partition |= {"dagster/partition/study": study, **(tags or {})}
+        params = {
+            "selector": {
+                **self.repository,
+                "pipelineName": "__ASSET_JOB",
+                "assetSelection": [{"path": a} for a in assets],
+            },
+            "mode": "default",
+            "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in partition.items()]},
+        }
+        launched = self.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        return launched["run"]["runId"]
 
     def materialize(self, assets: list[list[str]], timeout: float = 300) -> str:
         """Launch one run of unpartitioned assets, as the UI's Materialize button does; returns its final status."""

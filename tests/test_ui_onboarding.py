@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import AssetCheckKey, AssetRecordsFilter, DagsterRunStatus, RunsFilter
+from dagster import AssetCheckKey, AssetRecordsFilter, DagsterEventType, DagsterRunStatus, RunsFilter
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
@@ -87,7 +87,12 @@ def test_a_model_added_to_the_registry_is_backfilled_across_every_study_and_expe
     _, instance, runs = onboarded
     assert ADDED in instance.get_dynamic_partitions("model")
     assert {r.tags["grace/study"] for r in runs} == set(STUDIES)
-    assert all(r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE) for r in runs)
+    for run in runs:
+        # The tiny model's answers may fail the extraction gate (a blocking check, which fails the run); any other
+        # failure is a bug.
+        failed_steps = {e.step_key for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_FAILURE)}
+        assert failed_steps <= {"exp1__structured_extraction_rate_at_least_threshold"}, (run.run_id, failed_steps)
+        assert run.status == (DagsterRunStatus.FAILURE if failed_steps else DagsterRunStatus.SUCCESS)
     for study in STUDIES:
         partition = f"{ADDED}|{study}"
         for asset in [a for assets in EXPERIMENT_ASSETS.values() for a in assets]:

@@ -8,6 +8,7 @@ run.
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 
@@ -327,7 +328,7 @@ def answers_comply_with_schema(table: pd.DataFrame, check: CheckContext) -> Chec
 def extraction_rate(table: pd.DataFrame, check: CheckContext) -> CheckOutcome:
     threshold = check.settings.min_extraction_rate
     counts = ExtractionCounts.of(table)
-    reasons = table.loc[table["extraction"] == "failed", "failure_reason"].str.split(":").str[0].value_counts()
+    reasons = table.loc[table["extraction"] == "failed", "failure_reason"].map(failure_kinds).explode().value_counts()
     return CheckOutcome(
         passed=counts.rows > 0 and counts.rate >= threshold,
         metadata={
@@ -340,6 +341,20 @@ def extraction_rate(table: pd.DataFrame, check: CheckContext) -> CheckOutcome:
             "failure_reasons": MetadataValue.json({str(k): int(v) for k, v in reasons.items()}),
         },
     )
+
+
+def failure_kinds(reason: str) -> list[str]:
+    """A failure reason's kinds without their details, to count them: "bets: the answer is outside the schema: Bet_0
+    ... ; knowledge: not answered (judge: ...)" -> ["bets: the answer is outside the schema", "knowledge: not
+    answered"]."""
+    kinds = []
+    for part in str(reason).split("; "):
+        if part.startswith(extraction.NOT_ANSWERED):  # a reviewer's "no answer": counted by reviewer
+            kinds.append(part.split(":")[0].rstrip(")") + ")")
+            continue
+        turn, _, rest = part.partition(": ")
+        kinds.append(f"{turn}: {re.split(r'[:(]', rest, maxsplit=1)[0].strip()}" if rest else turn)
+    return kinds
 
 
 def judged_and_failed_rows(table: pd.DataFrame, _: CheckContext) -> CheckOutcome:

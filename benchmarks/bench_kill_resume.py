@@ -1,0 +1,113 @@
+"""Kill and resume at a larger size: Experiment 1 and Experiment 2 on 100 study 2 trials of one model, each run
+killed twice at random points (SIGKILL to the whole `dagster asset materialize` process group) and then resumed to
+the end.
+
+Counted: rows and duplicate trials in the table, records and duplicate keys in the checkpoint, and the requests the
+server answered against the requests the partition needs. A request in flight at a kill is lost with the run and
+asked again on resume, so at most the client's concurrency per kill can be repeated; nothing finished is.
+
+    .venv/bin/python -m benchmarks.bench_kill_resume --trials 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import httpx
+import pandas as pd
+from dagster import DagsterInstance
+
+from benchmarks.common import machine
+from grace_dagster.assets import exp1_responses, exp2_probabilities
+from grace_dagster.serving.process import EmbeddedServer
+from tests import pipeline
+from tests.dagster_dev import new_home
+
+RESULTS = Path(__file__).with_name("results") / "kill_resume.json"
+MODEL, STUDY = "smollm2-135m", "study2"
+ROUTES = {"exp1": "/v1/chat/completions", "exp2": "/v1/completions"}
+
+
+def served(base_url: str, route: str) -> int:
+    """Requests the server answered on `route` (successfully)."""
+    text = httpx.get(f"{base_url}/metrics").text
+    found = re.search(rf'^grace_server_requests_total{{code="200",route="{re.escape(route)}"}} (\S+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path, server: EmbeddedServer) -> dict:
+    home, data = new_home(work / name / "home"), work / name / "data"
+    instance = DagsterInstance.local_temp(tempdir=str(home))
+    res = pipeline.resources(work / name, trial_limit=trials, max_tokens=32, base_urls={MODEL: server.base_url})
+    pipeline.prepare(instance, res, [MODEL], studies=(STUDY,))
+    checkpoint = data / "checkpoints" / name / MODEL / f"{STUDY}.jsonl"
+    config = {
+        "resources": {
+            "settings": {"config": {"trial_limit": trials, "max_tokens": 32}},
+            "llm": {"config": {"base_urls": {MODEL: server.base_url}}},
+        }
+    }
+    route = ROUTES[name]
+    start = served(server.base_url, route)
+    kills = []
+    for _ in range(2):
+        before = len(pipeline.checkpoint_records(checkpoint))
+        target = before + rng.randint(5, max(6, trials // 3))
+        pipeline.kill_part_way(
+            home, data, asset.key.to_user_string(), f"{MODEL}|{STUDY}", config,
+            lambda target=target: len(pipeline.checkpoint_records(checkpoint)) >= target,  # noqa: E731
+        )
+        kills.append(len(pipeline.checkpoint_records(checkpoint)))
+    result = pipeline.run(instance, res, asset.key, MODEL, STUDY)
+    meta = pipeline.metadata(result, asset.key)
+    records = pipeline.checkpoint_records(checkpoint)
+    keys = [r["key"] for r in records]
+    needed = meta.get("distinct_questions", trials)
+    answered = served(server.base_url, route) - start
+    table = pd.read_parquet(data / name / ("responses" if name == "exp1" else "probabilities") / MODEL / f"{STUDY}.parquet")
+    trial_rows = table.drop_duplicates(["trial_id", "question"]) if name == "exp2" else table
+    return {
+        "succeeded": result.success,
+        "checkpoint_records_at_each_kill": kills,
+        "resume_cache_hits": meta["cache_hits"],
+        "resume_requests_made": meta["requests_made"],
+        "rows": len(trial_rows),
+        "duplicate_trials": int(trial_rows.duplicated(["trial_id"]).sum()),
+        "checkpoint_records": len(records),
+        "checkpoint_duplicate_keys": len(keys) - len(set(keys)),
+        "requests_needed": needed,
+        "requests_answered_by_the_server": answered,
+        "requests_repeated": answered - needed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="grace-kill-") as tmp, EmbeddedServer(MODEL, log_dir=Path(tmp)) as server:
+        figures = {
+            name: one_experiment(name, asset, args.trials, rng, Path(tmp), server)
+            for name, asset in (("exp1", exp1_responses), ("exp2", exp2_probabilities))
+        }
+    result = {
+        "machine": machine(),
+        "command": f"python -m benchmarks.bench_kill_resume --trials {args.trials} --seed {args.seed}",
+        "model": MODEL,
+        "study": STUDY,
+        "trials": args.trials,
+        **figures,
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
