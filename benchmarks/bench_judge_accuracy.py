@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 from dagster import DagsterInstance, materialize
 
+from benchmarks.common import machine
 from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, exp1_responses, exp1_structured
 from grace_dagster.resources import ExperimentSettings, LLMEndpoints, Storage
 from grace_dagster.studies import STUDIES
@@ -158,7 +157,7 @@ def main() -> None:
         figures = run(args.judge, Path(data), labels)
     result = {
         "judge": args.judge,
-        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "machine": machine(),
         "command": "python -m benchmarks.bench_judge_accuracy",
         "seconds": round(time.perf_counter() - start, 1),
         **figures,

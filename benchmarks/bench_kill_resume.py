@@ -59,7 +59,11 @@ def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path
         before = len(pipeline.checkpoint_records(checkpoint))
         target = before + rng.randint(5, max(6, trials // 3))
         pipeline.kill_part_way(
-            home, data, asset.key.to_user_string(), f"{MODEL}|{STUDY}", config,
+            home,
+            data,
+            asset.key.to_user_string(),
+            f"{MODEL}|{STUDY}",
+            config,
             lambda target=target: len(pipeline.checkpoint_records(checkpoint)) >= target,  # noqa: E731
         )
         kills.append(len(pipeline.checkpoint_records(checkpoint)))
@@ -69,7 +73,9 @@ def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path
     keys = [r["key"] for r in records]
     needed = meta.get("distinct_questions", trials)
     answered = served(server.base_url, route) - start
-    table = pd.read_parquet(data / name / ("responses" if name == "exp1" else "probabilities") / MODEL / f"{STUDY}.parquet")
+    table = pd.read_parquet(
+        data / name / ("responses" if name == "exp1" else "probabilities") / MODEL / f"{STUDY}.parquet"
+    )
     trial_rows = table.drop_duplicates(["trial_id", "question"]) if name == "exp2" else table
     return {
         "succeeded": result.success,
