@@ -213,6 +213,32 @@ def test_seeded_sampling_with_n_gives_samples_each_reproducible_from_seed_plus_i
     assert chat.choices[0].message.content != chat.choices[1].message.content
 
 
+def test_many_seeded_requests_at_once_are_all_answered(server):
+    """Experiment 1 sends its seeded requests many at a time. vLLM 0.32 on a CPU kills its engine when chunked prefill
+    splits the prompt of a seeded request (16 such requests did it here), so the registry's local vLLM entry turns
+    chunked prefill off; this pins that every request is answered and the server lives on."""
+    _, url = server
+    story = "The cake at the party was dry, and everyone was too polite to say so. " * 20
+
+    async def work(client):
+        return await asyncio.gather(
+            *(
+                client.chat(
+                    [{"role": "user", "content": f"Guest {i}: {story} How was the cake?"}],
+                    max_tokens=8,
+                    temperature=0.7,
+                    seed=i,
+                )
+                for i in range(16)
+            )
+        )
+
+    replies, stats = _run(url, work, max_concurrency=16)
+    assert len(replies) == 16 and all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
+    assert stats.retries == 0
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
 class JudgeReading(BaseModel):
     """The shape of a judge's answer: integer bounds, and an explicit abstention (null) for an unanswered field."""
 
