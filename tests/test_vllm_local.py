@@ -27,22 +27,27 @@ def _pinned_vllm_version() -> str:
     return line.split("==")[1]
 
 
-def _wait_until_gone(owner: int, timeout: float) -> list[tuple[int, str]]:
+def _wait_until_gone(owner: int, timeout: float, pids: set[int] | None = None) -> list[tuple[int, str]]:
+    """Wait until no vLLM process of `owner` (among `pids`, if given) is alive; return those still alive."""
     deadline = time.monotonic() + timeout
-    while (left := vllm_processes(owner)) and time.monotonic() < deadline:
+    while True:
+        left = [(pid, cmd) for pid, cmd in vllm_processes(owner) if pids is None or pid in pids]
+        if not left or time.monotonic() >= deadline:
+            return left
         time.sleep(0.5)
-    return left
 
 
 @pytest.mark.slow
 def test_local_vllm_serves_the_run_with_the_registry_concurrency_and_is_stopped_after(tmp_path):
     seen: dict[str, object] = {}
+    # The session's own vLLM server (other tests') carries the same owner mark: only the run's processes count.
+    before = {pid for pid, _ in vllm_processes(os.getpid())}
 
     @asset
     def probe(llm: LLMEndpoints) -> None:
         endpoint = llm.endpoint(VLLM_MODEL)
         assert llm.endpoint(VLLM_MODEL).base_url == endpoint.base_url, "one server per model per run"
-        seen["processes"] = vllm_processes(os.getpid())
+        seen["processes"] = {pid for pid, _ in vllm_processes(os.getpid())} - before
 
         async def ask():
             async with llm.client_for(endpoint) as client:
@@ -59,7 +64,7 @@ def test_local_vllm_serves_the_run_with_the_registry_concurrency_and_is_stopped_
     assert seen["version"] == _pinned_vllm_version(), "the server is the pinned vLLM release"
     assert seen["concurrency"] == 64, "a vLLM model gets the registry's vLLM concurrency"
     assert len(seen["processes"]) >= 2, "the API server and its engine process"
-    assert _wait_until_gone(os.getpid(), 5.0) == [], "teardown stops every process of the server"
+    assert _wait_until_gone(os.getpid(), 5.0, seen["processes"]) == [], "teardown stops every process of the server"
 
 
 CHILD = """
