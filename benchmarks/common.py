@@ -22,3 +22,9 @@ def machine() -> str:
 def tokens_evaluated(base_url: str) -> float:
     text = httpx.get(f"{base_url}/metrics").text
     return float(re.search(r"^grace_server_tokens_evaluated_total (\S+)$", text, re.M).group(1))
+
+
+def load_note(start: tuple[float, float, float]) -> str:
+    """The machine's load around a run (other processes share its cores): 1-minute load average before and after."""
+    end = os.getloadavg()
+    return f"1-min load average {start[0]:.1f} before, {end[0]:.1f} after, on {os.cpu_count()} cores"

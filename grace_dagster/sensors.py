@@ -4,7 +4,9 @@ Onboarding: adding a model is one registry entry. `onboard_new_models` notices a
 partition for, adds its `model` partition and requests one run per study of every experiment asset, as the UI's
 backfill dialog would by hand. In local mode only embedded models are onboarded, so a cluster model in the
 registry never starts runs that could only fail on a laptop (a model you serve yourself through `base_urls` is
-run with `grace run --models`). Nothing is requested until every study's inputs are validated (`study_trials`).
+run with `grace run --models`). A local-only vLLM entry (weights converted on this machine) is never onboarded
+automatically: its runs need this machine's `.venv-vllm`. Nothing is requested until every study's inputs are
+validated (`study_trials`).
 
 Scaling down:
 The NRP flags GPUs idle below 40% utilisation, and a vLLM server holds its GPUs for as long as its Deployment is
@@ -46,13 +48,17 @@ from grace_dagster.k8s.admission import replicas, run_model
 from grace_dagster.k8s.conventions import deployment_name
 from grace_dagster.k8s.render import served_models
 from grace_dagster.k8s.utilisation import PrometheusError, UtilisationPlan, by_deployment, plan, pod_utilisation
-from grace_dagster.registry.loader import EmbeddedServing
+from grace_dagster.registry.loader import EmbeddedServing, VllmServing
 from grace_dagster.resources.endpoints import RUNNING_STATUSES, LLMEndpoints
 from grace_dagster.resources.monitoring import GpuMonitor
 from grace_dagster.resources.settings import ExperimentSettings
 from grace_dagster.studies import STUDIES
 
 EXPERIMENT_KEYS = [a.key for assets in EXPERIMENT_ASSETS.values() for a in assets]
+
+
+def _local_vllm(model) -> bool:
+    return isinstance(model.serving, VllmServing) and not model.on_cluster
 
 
 @sensor(
@@ -70,7 +76,8 @@ def onboard_new_models(context: SensorEvaluationContext, llm: LLMEndpoints) -> S
     new = [
         m.slug
         for m in llm.registry().participants()
-        if m.slug not in known and (llm.mode == "k8s" or isinstance(m.serving, EmbeddedServing))
+        if m.slug not in known
+        and (isinstance(m.serving, EmbeddedServing) or (llm.mode == "k8s" and not _local_vllm(m)))
     ]
     if not new:
         return SkipReason(f"every participant servable in {llm.mode} mode has its partition ({len(known)} models)")

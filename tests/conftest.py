@@ -1,5 +1,5 @@
-"""Shared fixtures: real embedded servers (one per model for the whole session) and a guard that no server process
-outlives the test session."""
+"""Shared fixtures: real embedded servers (one per model for the whole session), the real vLLM server (once for the
+session, from .venv-vllm, which `make test` builds), and a guard that no server process outlives the test session."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from grace_dagster.registry import load_registry
 from grace_dagster.serving.process import EmbeddedServer
+from grace_dagster.serving.vllm import OWNER_ENV, VllmServer
 
 LOCAL_MODELS = ["smollm2-135m", "gemma3-270m"]
 SERVED_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "gemma-3-270m"}
+# The production server in the tests: SmolLM2 through vLLM (bf16 safetensors converted from the embedded model's GGUF).
+VLLM_MODEL = "smollm2-135m-vllm"
 
 
 @pytest.fixture(scope="session")
@@ -30,26 +34,56 @@ def servers(tmp_path_factory):
         server.stop()
 
 
-def _server_processes() -> list[tuple[int, str]]:
-    found = []
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """Real vLLM serving the registry's local vLLM entry, started on first use and stopped at the end of the session.
+    Never skipped: without .venv-vllm or the converted weights it fails and says to run `make vllm`."""
+    server = VllmServer(load_registry().get(VLLM_MODEL), log_dir=tmp_path_factory.mktemp("vllm-logs")).start()
+    yield server
+    server.stop()
+
+
+def vllm_processes(owner: int) -> list[tuple[int, str]]:
+    """Live processes of the vLLM servers that process `owner` started: the API server and the engine processes it
+    starts, found by the marker in their environment wherever they were re-parented."""
+    return [
+        (pid, cmdline) for pid, cmdline, environ, _ in _live_processes() if f"{OWNER_ENV}={owner}".encode() in environ
+    ]
+
+
+def _live_processes():
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             stat = (proc / "stat").read_text()
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if "grace_dagster.cli serve" in cmdline and ppid == os.getpid():
-            found.append((int(proc.name), cmdline))
-    return found
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":  # a zombie is dead already, waiting to be reaped by whoever adopted it
+            yield int(proc.name), cmdline[:200], environ, int(ppid)
+
+
+def _server_processes() -> list[tuple[int, str]]:
+    """Live server processes this session started: embedded servers (children of this process) and every process
+    of its vLLM servers."""
+    embedded = [
+        (pid, cmd)
+        for pid, cmd, _, ppid in _live_processes()
+        if "grace_dagster.cli serve" in cmd and ppid == os.getpid()
+    ]
+    return embedded + vllm_processes(os.getpid())
 
 
 def pytest_sessionfinish(session, exitstatus):
     leftovers = _server_processes()
     for pid, _ in leftovers:
-        os.kill(pid, 9)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:  # a vLLM engine process that ended with its API server just now
+            pass
     if leftovers:
-        print(f"\nFAIL: {len(leftovers)} embedded server process(es) outlived the tests: {leftovers}")
+        print(f"\nFAIL: {len(leftovers)} model server process(es) (embedded or vLLM) outlived the tests: {leftovers}")
         session.exitstatus = 1

@@ -6,7 +6,7 @@ import os
 import pytest
 from dagster import DagsterInstance, asset, materialize
 
-from grace_dagster.resources.endpoints import EndpointError, LLMEndpoints
+from grace_dagster.resources.endpoints import Endpoint, EndpointError, LLMEndpoints
 
 
 @pytest.mark.slow
@@ -48,3 +48,21 @@ def test_external_model_needs_its_api_key_from_the_environment(monkeypatch):
     endpoint = LLMEndpoints().endpoint("deepseek-chat-api")
     assert endpoint.base_url == "https://api.deepseek.com/v1" and endpoint.api_key == "sk-test-secret"
     assert "sk-test-secret" not in repr(endpoint), "the key never appears in logs or reprs"
+
+
+def test_client_concurrency_comes_from_the_registry_unless_the_resource_overrides_it():
+    registry = LLMEndpoints().registry()
+
+    def concurrency(resource: LLMEndpoints, slug: str) -> int:
+        client = resource.client_for(Endpoint(registry.get(slug), "http://127.0.0.1:9"))
+        asyncio.run(client.aclose())
+        return client._semaphore._value
+
+    assert concurrency(LLMEndpoints(), "smollm2-135m") == 4, "the embedded server's capacity"
+    assert concurrency(LLMEndpoints(), "smollm2-135m-vllm") == 64, "enough in flight to keep vLLM busy"
+    assert concurrency(LLMEndpoints(max_concurrency=8), "smollm2-135m-vllm") == 8
+
+
+def test_local_vllm_without_its_environment_names_the_way_out(tmp_path):
+    with pytest.raises(EndpointError, match=r"no vLLM environment at .*run `make vllm`"):
+        LLMEndpoints(vllm_python=str(tmp_path / "missing" / "python")).endpoint("smollm2-135m-vllm")

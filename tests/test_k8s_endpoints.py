@@ -64,7 +64,7 @@ def instance():
 
 
 def _k8s(fake: FakeCluster, **kwargs) -> LLMEndpoints:
-    slugs = [m.slug for m in REGISTRY.models if m.serving.backend == "vllm"]
+    slugs = [m.slug for m in REGISTRY.models if m.on_cluster]
     kwargs.setdefault("base_urls", {slug: fake.url for slug in slugs})
     kwargs.setdefault("ready_timeout", 10.0)
     return LLMEndpoints(mode="k8s", api_host=fake.url, poll_interval=0.05, **kwargs)
@@ -405,7 +405,7 @@ def test_sensor_scales_idle_models_to_zero_and_keeps_those_runs_need(cluster, in
     assert sorted(cluster.scales) == sorted(
         (deployment_name(s), 0) for s in ("gemma-2-9b", "gemma-2-27b", "gpt-oss-20b", JUDGE)
     )
-    assert all(cluster.replicas(deployment_name(m.slug)) == 0 for m in REGISTRY.models if m.serving.backend == "vllm")
+    assert all(cluster.replicas(deployment_name(m.slug)) == 0 for m in REGISTRY.models if m.on_cluster)
 
 
 def test_sensor_is_stopped_by_default_and_does_nothing_in_local_mode(cluster, instance):

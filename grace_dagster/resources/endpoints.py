@@ -1,13 +1,18 @@
 """`LLMEndpoints`: hands an asset a client for a ready endpoint of a model.
 
-- local (default): the embedded server, one child process per model on 127.0.0.1, started on first use, health-
-  checked, and stopped when the resource is torn down (end of the run or step).
+- local (default): a server per model as a child process on 127.0.0.1, started on first use, health-checked, and
+  stopped when the resource is torn down (end of the run or step): the embedded server for embedded models, vLLM
+  (from the `.venv-vllm` environment, `grace_dagster.serving.vllm`) for vllm models, with the local-only entries'
+  converted weights or a cluster entry's weights from this machine's Hugging Face cache (a GPU workstation).
 - external models (registry `serving.backend: external`): their fixed base URL and an API key from the environment,
   in either mode.
 - k8s: a vLLM model's Deployment on the NRP is brought up through the Kubernetes API (`grace_dagster.k8s.cluster`)
   after the admission check (`grace_dagster.k8s.admission`: NRP policy, namespace GPU quota, per-user limit of
   concurrent GPU-backed runs), and its Service URL is handed out once `/v1/models` lists the model. Embedded models
-  still run as a child process wherever the step runs (a small CPU model needs no Deployment).
+  and local-only vLLM entries still run as a child process wherever the step runs (they need no Deployment).
+
+A client keeps the model's `serving.max_concurrency` requests in flight (registry; 64 for vLLM, 4 for the embedded
+server), unless `max_concurrency` here overrides it for every model.
 
 In k8s mode nothing is scaled down at teardown: under the multiprocess and k8s executors resources are set up and
 torn down once per step, so a scale-down there would reload the weights for every step. Idle models are scaled to 0
@@ -45,6 +50,7 @@ from grace_dagster.llm import LLMClient
 from grace_dagster.registry import Model, Registry, load_registry
 from grace_dagster.registry.loader import EmbeddedServing, ExternalServing, VllmServing
 from grace_dagster.serving.process import EmbeddedServer
+from grace_dagster.serving.vllm import VllmError, VllmServer
 
 # A run holds its GPU-backed model from launch until it ends; these are the statuses in between.
 RUNNING_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
@@ -77,8 +83,16 @@ class LLMEndpoints(ConfigurableResource):
         description="local: embedded llama.cpp servers on this machine; k8s: vLLM Deployments on the cluster",
     )
     registry_path: str | None = Field(default=None, description="model registry (default: the packaged one)")
-    max_concurrency: int = Field(default=4, description="concurrent requests per endpoint")
-    startup_timeout: float = Field(default=180.0, description="seconds to wait for a server to become healthy")
+    max_concurrency: int | None = Field(
+        default=None,
+        description="requests in flight per endpoint, every model (default: the registry's serving.max_concurrency)",
+    )
+    startup_timeout: float = Field(default=180.0, description="seconds to wait for an embedded server to be healthy")
+    vllm_startup_timeout: float = Field(default=600.0, description="seconds to wait for a local vLLM to be healthy")
+    vllm_python: str | None = Field(
+        default=None,
+        description="local vLLM: its environment's python (default: $GRACE_VLLM_PYTHON, else the project's .venv-vllm)",
+    )
     log_dir: str | None = Field(default=None, description="where embedded servers write their logs")
     base_urls: dict[str, str] = Field(
         default_factory=dict,
@@ -117,7 +131,7 @@ class LLMEndpoints(ConfigurableResource):
         default_factory=dict, description="k8s: user -> their own limit of concurrent GPU-backed runs"
     )
 
-    _servers: dict[str, EmbeddedServer] = PrivateAttr(default_factory=dict)
+    _servers: dict[str, EmbeddedServer | VllmServer] = PrivateAttr(default_factory=dict)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _ready: dict[str, Endpoint] = PrivateAttr(default_factory=dict)
     _model_locks: dict[str, threading.Lock] = PrivateAttr(default_factory=dict)
@@ -142,7 +156,7 @@ class LLMEndpoints(ConfigurableResource):
         registry = self.registry()
         model = registry.get(slug)
         serving = model.serving
-        if self.mode == "k8s" and isinstance(serving, VllmServing):
+        if self.mode == "k8s" and model.on_cluster:
             return self._cluster_endpoint(model, registry)
         if slug in self.base_urls:
             return Endpoint(model, self.base_urls[slug])
@@ -154,27 +168,34 @@ class LLMEndpoints(ConfigurableResource):
                     f"{serving.api_key_env} to its API key"
                 )
             return Endpoint(model, serving.base_url, key)
-        if not isinstance(serving, EmbeddedServing):
-            raise EndpointError(
-                f"model {slug!r} is served by {serving.backend} on the cluster; it cannot run in local mode. "
-                "Use a local model (see `grace models`) or run with the k8s endpoint mode."
-            )
+        assert isinstance(serving, EmbeddedServing | VllmServing)
         with self._lock:
             server = self._servers.get(slug)
             if server is None or not server.healthy():
                 if server is not None:
                     server.stop()
-                log_dir = Path(self.log_dir) if self.log_dir else None
-                server = EmbeddedServer(slug, startup_timeout=self.startup_timeout, log_dir=log_dir).start()
+                server = self._start_local(model)
                 self._servers[slug] = server
         return Endpoint(model, server.base_url)
+
+    def _start_local(self, model: Model) -> EmbeddedServer | VllmServer:
+        log_dir = Path(self.log_dir) if self.log_dir else None
+        if isinstance(model.serving, EmbeddedServing):
+            return EmbeddedServer(model.slug, startup_timeout=self.startup_timeout, log_dir=log_dir).start()
+        try:
+            server = VllmServer(
+                model, python=self.vllm_python, startup_timeout=self.vllm_startup_timeout, log_dir=log_dir
+            )
+            return server.start()
+        except VllmError as e:
+            raise EndpointError(str(e)) from None
 
     def client(self, slug: str, **kwargs) -> LLMClient:
         """A client bound to the model's served name; use it as an async context manager."""
         return self.client_for(self.endpoint(slug), **kwargs)
 
     def client_for(self, endpoint: Endpoint, **kwargs) -> LLMClient:
-        kwargs.setdefault("max_concurrency", self.max_concurrency)
+        kwargs.setdefault("max_concurrency", self.max_concurrency or endpoint.model.serving.max_concurrency)
         return LLMClient(endpoint.base_url, endpoint.model.served_name, api_key=endpoint.api_key, **kwargs)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:

@@ -4,6 +4,8 @@ Routes are thin: validate (pydantic, 400 on any problem), run the engine in a wo
 llama.cpp contexts are not thread-safe), and shape the answer with the wire models of `grace_dagster.llm.protocol`.
 """
 
+from dataclasses import replace
+
 import jsonschema
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,13 +45,19 @@ DEFAULT_COMPLETION_TOKENS = 16
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError"):
-        self.status, self.message, self.kind = status, message, kind
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError", param: str | None = None):
+        self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status))
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    # vLLM names the offending request field in `param`; so does this server.
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=status))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _seeds(seed: int | None, n: int) -> list[int | None]:
+    """One seed per sample, as vLLM gives them: sample i of a request with `seed` is seeded with seed + i."""
+    return [None if seed is None else seed + i for i in range(n)]
 
 
 def _clamp(logprob: float) -> float:
@@ -74,7 +82,7 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
     def check_model(name: str | None) -> None:
         if name is not None and name != served_name:
             raise ApiError(
-                404, f"The model `{name}` does not exist; this server serves `{served_name}`.", "NotFoundError"
+                404, f"The model `{name}` does not exist; this server serves `{served_name}`.", "NotFoundError", "model"
             )
 
     @app.middleware("http")
@@ -88,14 +96,14 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):
-        return _error(e.status, e.message, e.kind)
+        return _error(e.status, e.message, e.kind, e.param)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in e.errors()
-        )
-        return _error(400, f"invalid request: {problems}", "BadRequestError")
+        fields = [".".join(str(p) for p in err["loc"] if p != "body") for err in e.errors()]
+        problems = "; ".join(f"{field or 'body'}: {err['msg']}" for field, err in zip(fields, e.errors()))
+        param = fields[0].split(".")[0] if fields and fields[0] else None
+        return _error(400, f"invalid request: {problems}", "BadRequestError", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
@@ -148,6 +156,11 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> CompletionResponse:
         check_model(req.model)
+        if req.max_tokens == 0 and not req.echo:
+            # vLLM refuses it too: scoring a prompt without generating is `echo` with `max_tokens` 0.
+            raise ApiError(
+                400, "max_tokens must be at least 1, got 0 (0 is allowed only with echo: true)", param="max_tokens"
+            )
         prompt = req.prompt
         texts: list[str | None]
         if isinstance(prompt, str):
@@ -172,11 +185,16 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
 
         def work():
             ids = [engine.tokenize(t, req.add_special_tokens) if t is not None else p for t, p in zip(texts, prompt)]
-            results = engine.run(ids, want_prompt_logprobs, top_k, sampling)
-            return [_completion_choice(engine, i, text, r, req) for i, (text, r) in enumerate(zip(texts, results))]
+            samples = [
+                engine.run(ids, want_prompt_logprobs, top_k, replace(sampling, seed=seed))
+                for seed in _seeds(req.seed, req.n)
+            ]
+            # Ordered as vLLM orders them: every sample of the first prompt, then of the next.
+            by_prompt = [(text, sample[p]) for p, text in enumerate(texts) for sample in samples]
+            return [_completion_choice(engine, i, text, r, req) for i, (text, r) in enumerate(by_prompt)]
 
         choices = await in_engine(work)
-        prompt_tokens = sum(len(c[1].prompt_ids) for c in choices)
+        prompt_tokens = sum(len(c[1].prompt_ids) for c in choices[:: req.n])  # each prompt once, as vLLM counts
         completion_tokens = sum(len(c[1].output_ids) for c in choices)
         metrics.inc("grace_server_prompt_tokens_total", prompt_tokens)
         metrics.inc("grace_server_generation_tokens_total", completion_tokens)
@@ -193,6 +211,8 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> ChatResponse:
         check_model(req.model)
+        if req.max_tokens == 0:
+            raise ApiError(400, "max_tokens must be at least 1, got 0", param="max_tokens")  # as vLLM answers
         grammar = _grammar(req.response_format)
 
         def work():
@@ -208,33 +228,22 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
                 grammar=grammar,
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             )
-            return engine.run([ids], False, None, sampling)[0]
+            return [engine.run([ids], False, None, replace(sampling, seed=seed))[0] for seed in _seeds(req.seed, req.n)]
 
-        result = await in_engine(work)
-        metrics.inc("grace_server_prompt_tokens_total", len(result.prompt_ids))
-        metrics.inc("grace_server_generation_tokens_total", len(result.output_ids))
-        logprobs = None
-        if req.logprobs:
-            logprobs = ChatChoiceLogprobs(
-                content=[
-                    ChatTokenLogprob(
-                        token=engine.token_text(t),
-                        logprob=_clamp(p.logprob),
-                        top_logprobs=[{"token": engine.token_text(k), "logprob": _clamp(v)} for k, v in p.top],
-                    )
-                    for t, p in zip(result.output_ids, result.output_logprobs)
-                ]
-            )
-        n_prompt, n_out = len(result.prompt_ids), len(result.output_ids)
+        results = await in_engine(work)
+        n_prompt, n_out = len(results[0].prompt_ids), sum(len(r.output_ids) for r in results)
+        metrics.inc("grace_server_prompt_tokens_total", n_prompt)
+        metrics.inc("grace_server_generation_tokens_total", n_out)
         return ChatResponse(
             model=served_name,
             choices=[
                 ChatChoice(
-                    index=0,
+                    index=i,
                     message=ChatResponseMessage(content=result.output_text),
-                    logprobs=logprobs,
+                    logprobs=_chat_logprobs(engine, result) if req.logprobs else None,
                     finish_reason=result.finish_reason,
                 )
+                for i, result in enumerate(results)
             ],
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
         )
@@ -258,6 +267,19 @@ def _grammar(response_format: ResponseFormat | None) -> str | None:
         raise ApiError(400, f"invalid json_schema: {e.message}") from None
     except EngineError as e:
         raise ApiError(400, str(e)) from None
+
+
+def _chat_logprobs(engine: Engine, result: Result) -> ChatChoiceLogprobs:
+    return ChatChoiceLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=engine.token_text(t),
+                logprob=_clamp(p.logprob),
+                top_logprobs=[{"token": engine.token_text(k), "logprob": _clamp(v)} for k, v in p.top],
+            )
+            for t, p in zip(result.output_ids, result.output_logprobs)
+        ]
+    )
 
 
 def _top_dict(engine: Engine, token: int, position: PositionLogprobs) -> dict[str, float]:
@@ -294,13 +316,16 @@ def _completion_choice(
     if req.prompt_logprobs is not None:
         prompt_logprobs = [None]
         for token, p in zip(result.prompt_ids[1:], result.prompt_logprobs[1:]):
+            # The prompt's own token first, then the top k, as vLLM lists them.
             entry = {
-                str(k): PromptLogprob(logprob=_clamp(v), rank=r + 1, decoded_token=engine.token_text(k))
-                for r, (k, v) in enumerate(p.top[: req.prompt_logprobs])
+                str(token): PromptLogprob(
+                    logprob=_clamp(p.logprob), rank=p.rank, decoded_token=engine.token_text(token)
+                )
             }
-            entry[str(token)] = PromptLogprob(
-                logprob=_clamp(p.logprob), rank=p.rank, decoded_token=engine.token_text(token)
-            )
+            for r, (k, v) in enumerate(p.top[: req.prompt_logprobs]):
+                entry.setdefault(
+                    str(k), PromptLogprob(logprob=_clamp(v), rank=r + 1, decoded_token=engine.token_text(k))
+                )
             prompt_logprobs.append(entry)
     choice = CompletionChoice(
         index=index,
