@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -62,12 +63,14 @@ def test_rematerializing_a_finished_partition_makes_zero_model_requests(tmp_path
     assert first.success and pipeline.metadata(first, exp1_responses.key)["requests_made"] == 9  # 3 trials × 3 turns
     csv = tmp_path / "data" / "csv" / "gemma3-270m_study1_raw_responses.csv"
     before = pd.read_csv(csv)
+    started_log = (tmp_path / "logs" / f"grace-serve-gemma3-270m-{os.getpid()}.log").read_bytes()
 
     second = pipeline.run(instance, res, exp1_responses.key, "gemma3-270m", "study1")
     meta = pipeline.metadata(second, exp1_responses.key)
     assert second.success
     assert meta["requests_made"] == 0 and meta["cache_hits"] == 3
-    assert res["llm"]._servers == {}, "no server was even started"
+    log = tmp_path / "logs" / f"grace-serve-gemma3-270m-{os.getpid()}.log"
+    assert log.read_bytes() == started_log, "no server was even started (a starting server writes to its log)"
     pd.testing.assert_frame_equal(pd.read_csv(csv), before)
     turns = {f"{kind}_{turn}" for kind in ("response", "finish_reason") for turn in ("prior", "bets", "knowledge")}
     assert {"story_setup", "speech", "access", "seed", *turns} <= set(before.columns)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -266,3 +267,50 @@ def test_an_embedded_server_listens_on_loopback_only_and_dies_with_the_run_that_
         assert not Path(f"/proc/{server_pid}").exists() or "zombie" in Path(f"/proc/{server_pid}/status").read_text()
     finally:
         os.killpg(run.pid, signal.SIGKILL) if Path(f"/proc/{server_pid}").exists() else None
+
+
+def _own_servers() -> list[int]:
+    """Pids of the embedded servers this process started (their --parent-pid is this process)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "serve" in args and "--parent-pid" in args and args[args.index("--parent-pid") + 1] == str(os.getpid()):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_model_server_is_started_again_and_the_partition_finishes_with_every_row_once(tmp_path):
+    """The run's own embedded server is SIGKILLed after two conversations; the endpoint resource notices its
+    process is gone, starts a new one, and the run asks only what was not finished."""
+    instance = DagsterInstance.ephemeral()
+    res = pipeline.resources(tmp_path, trial_limit=8, max_tokens=24)  # no base_urls: the resource starts the server
+    pipeline.prepare(instance, res, [MODEL], studies=("study2",))
+    checkpoint = tmp_path / "data" / "checkpoints" / "exp1" / MODEL / "study2.jsonl"
+    killed: list[int] = []
+
+    def kill_when_two_done():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if sum("turns" in r for r in pipeline.checkpoint_records(checkpoint)) >= 2 and _own_servers():
+                killed.extend(_own_servers())
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_two_done)
+    killer.start()
+    result = pipeline.run(instance, res, exp1_responses.key, MODEL, "study2")
+    killer.join()
+    assert killed, "the server was killed mid-partition"
+    meta = pipeline.metadata(result, exp1_responses.key)
+    assert result.success and meta["server_restarts"] == 1
+    conversations = [r for r in pipeline.checkpoint_records(checkpoint) if "turns" in r]
+    assert len(conversations) == 8 and len({r["trial_id"] for r in conversations}) == 8
+    table = pd.read_parquet(tmp_path / "data" / "exp1" / "responses" / MODEL / "study2.parquet")
+    assert len(table) == 8 and table["trial_id"].is_unique and table["response_utterance"].notna().all()
+    assert not _own_servers(), "the restarted server is stopped at the end of the run"

@@ -9,13 +9,15 @@ from typing import Any
 from dagster import AssetExecutionContext
 
 from grace_dagster.assets import common
-from grace_dagster.llm.batch import Checkpoint, request_key, run_pending
-from grace_dagster.llm.client import ClientStats, LLMClient
+from grace_dagster.llm.batch import Checkpoint, ServerUnreachable, request_key, run_pending
+from grace_dagster.llm.client import ClientStats, LLMClient, LLMUnavailableError
 from grace_dagster.registry import Model
 from grace_dagster.resources import LLMEndpoints, Storage
 from grace_dagster.serving.weights import local_sha256
 
 Ask = Callable[[Any], Awaitable[dict]]
+# A local model server that dies mid-partition is started again this many times before the run gives up.
+MAX_SERVER_RESTARTS = 2
 # Given the client and the partition's checkpoint (for work that records its own steps, like a conversation's turns).
 MakeAsk = Callable[[LLMClient, Checkpoint], Ask]
 
@@ -36,6 +38,7 @@ class BatchOutcome:
     stats: ClientStats | None
     provenance: dict
     started: float
+    server_restarts: int = 0
 
     def metadata(self, prefix: str = "") -> dict:
         """What every materialization records about its requests (DESIGN section 7); `prefix` tells a judge's
@@ -47,6 +50,7 @@ class BatchOutcome:
             "http_requests": stats.requests,
             "retries": stats.retries,
             "cache_hits": self.cached,
+            "server_restarts": self.server_restarts,
             "prompt_tokens_sent": stats.prompt_tokens,
             "completion_tokens_received": stats.completion_tokens,
             "duration_s": round(time.monotonic() - self.started, 2),
@@ -74,17 +78,20 @@ def run_checkpointed(
     path = storage.path("checkpoints", experiment, part.model, f"{part.study.name}.jsonl")
     with Checkpoint(path) as checkpoint:
         pending = [key for key in jobs if key not in checkpoint]
+        cached = set(jobs) - set(pending)
         context.log.info(f"{experiment} {part.label}: {len(jobs)} requests, {len(jobs) - len(pending)} checkpointed")
         if checkpoint.skipped_lines:
             context.log.warning(
                 f"{path}: {checkpoint.skipped_lines} unreadable line(s) skipped; their requests are asked again"
             )
-        stats = None
-        if pending:
-            endpoint = llm.endpoint(model.slug)
+        collected: list[ClientStats] = []  # one per server started, filled as its requests go
+        restarts = 0
+        while pending:
+            endpoint = llm.endpoint(model.slug)  # (re)starts a local server whose process is gone
 
-            async def ask_all() -> ClientStats:
+            async def ask_all(endpoint=endpoint) -> None:
                 async with llm.client_for(endpoint) as client:
+                    collected.append(client.stats)
                     version = await client.version()
                     ask = make_ask(client, checkpoint)
 
@@ -92,10 +99,21 @@ def run_checkpointed(
                         return {**await ask(payload), "server_version": version}
 
                     await run_pending(jobs, checkpoint, stamped, common.Progress(context, f"{experiment} {part.label}"))
-                    return client.stats
 
-            stats = asyncio.run(ask_all())
+            try:
+                asyncio.run(ask_all())
+                break
+            except (ServerUnreachable, LLMUnavailableError) as error:
+                pending = [key for key in jobs if key not in checkpoint]
+                if endpoint.alive is None or restarts == MAX_SERVER_RESTARTS:
+                    raise
+                restarts += 1
+                context.log.warning(
+                    f"{experiment} {part.label}: the model server died ({error}); starting it again "
+                    f"({restarts} of at most {MAX_SERVER_RESTARTS}); {len(pending)} requests left"
+                )
         records = {key: checkpoint.records[key] for key in jobs}
     versions = sorted({r.get("server_version", "unknown") for r in records.values()})
     provenance = common.model_provenance(model, ", ".join(versions) or "n/a", local_sha256(model))
-    return BatchOutcome(records, len(pending), len(jobs) - len(pending), stats, provenance, started)
+    stats = sum(collected[1:], collected[0]) if collected else None
+    return BatchOutcome(records, len(jobs) - len(cached), len(cached), stats, provenance, started, restarts)

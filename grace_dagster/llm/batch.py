@@ -120,6 +120,10 @@ class BatchFailed(RuntimeError):
     pass
 
 
+class ServerUnreachable(BatchFailed):
+    """The model server stopped answering part-way; what finished is kept, the rest can be asked of a new one."""
+
+
 async def run_pending(
     jobs: dict[str, Any],
     checkpoint: Checkpoint,
@@ -152,7 +156,7 @@ async def run_pending(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        raise BatchFailed(
+        raise ServerUnreachable(
             f"the model server became unreachable after {result.asked} new answers (kept in {checkpoint.path}; "
             f"a rerun continues from there): {e}"
         ) from e

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -66,6 +67,17 @@ class ClientStats:
     errors: dict[str, int] = field(default_factory=dict)
     by_path: Counter = field(default_factory=Counter)
 
+    def __add__(self, other: ClientStats) -> ClientStats:
+        errors = Counter(self.errors) + Counter(other.errors)
+        return ClientStats(
+            self.requests + other.requests,
+            self.retries + other.retries,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            dict(errors),
+            self.by_path + other.by_path,
+        )
+
     @property
     def model_requests(self) -> int:
         """Requests that ran the model (completions and chat), as opposed to tokenize, version and the like."""
@@ -97,11 +109,15 @@ class LLMClient:
         timeout: float = 600.0,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        alive: Callable[[], bool] | None = None,
     ):
+        """`alive` tells whether the server's process still runs (for servers started here): when it has exited,
+        a connection error is final at once instead of being retried for a minute."""
         # base_url is the server root (http://host:port); the API lives under /v1 as on vLLM.
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.model = model
         self.retry = retry or RetryPolicy()
+        self.alive = alive
         self.stats = ClientStats()
         self._semaphore = asyncio.Semaphore(max_concurrency)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -135,6 +151,8 @@ class LLMClient:
                     response = await self._http.request(method, path, json=payload)
                 except httpx.TransportError as e:  # connection refused/reset, timeouts, broken responses
                     last_problem = f"{type(e).__name__}: {e}"
+                    if self.alive is not None and not self.alive():
+                        break
                     continue
                 if response.status_code == 429 or response.status_code >= 500:
                     last_problem = f"HTTP {response.status_code}: {_error_message(response)}"
@@ -145,6 +163,8 @@ class LLMClient:
                     raise LLMRequestError(response.status_code, _error_message(response), f"{self.base_url}{path}")
                 return response_model.model_validate(response.json())
         self.stats.errors["unavailable"] = self.stats.errors.get("unavailable", 0) + 1
+        if self.alive is not None and not self.alive():
+            raise LLMUnavailableError(f"{self.base_url}{path}: the model server's process has exited ({last_problem})")
         raise LLMUnavailableError(
             f"{self.base_url}{path} failed {self.retry.attempts} times; last: {last_problem}. "
             "Check that the model server is running (its /health) and reachable."

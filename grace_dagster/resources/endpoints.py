@@ -21,6 +21,7 @@ by the `scale_idle_models` sensor (grace_dagster/sensors.py).
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -73,6 +74,8 @@ class Endpoint:
     model: Model
     base_url: str
     api_key: str | None = field(default=None, repr=False)  # secrets never reach logs or exceptions
+    # For servers started here: whether their process still runs (a dead one is restarted, not waited for).
+    alive: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
 
 class LLMEndpoints(ConfigurableResource):
@@ -176,7 +179,8 @@ class LLMEndpoints(ConfigurableResource):
                     server.stop()
                 server = self._start_local(model)
                 self._servers[slug] = server
-        return Endpoint(model, server.base_url)
+        process = server.process
+        return Endpoint(model, server.base_url, alive=lambda: process is not None and process.poll() is None)
 
     def _start_local(self, model: Model) -> EmbeddedServer | VllmServer:
         log_dir = Path(self.log_dir) if self.log_dir else None
@@ -196,7 +200,9 @@ class LLMEndpoints(ConfigurableResource):
 
     def client_for(self, endpoint: Endpoint, **kwargs) -> LLMClient:
         kwargs.setdefault("max_concurrency", self.max_concurrency or endpoint.model.serving.max_concurrency)
-        return LLMClient(endpoint.base_url, endpoint.model.served_name, api_key=endpoint.api_key, **kwargs)
+        return LLMClient(
+            endpoint.base_url, endpoint.model.served_name, api_key=endpoint.api_key, alive=endpoint.alive, **kwargs
+        )
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         # Embedded servers only: a model Deployment is never scaled down here (see the module docstring).
