@@ -160,7 +160,8 @@ def allowed(rules: Iterable[Mapping], verb: str, group: str, resource: str, name
 
 
 class FakeCluster:
-    """The Kubernetes API calls of grace_dagster.k8s, plus vLLM's /v1/models, over HTTP on 127.0.0.1."""
+    """The Kubernetes API calls of grace_dagster.k8s, plus vLLM's /v1/models, over HTTP on 127.0.0.1. Its objects are
+    the manifests in `manifests` (default: the committed k8s/), as `kubectl apply -R -f` would have created them."""
 
     def __init__(
         self,
@@ -169,14 +170,15 @@ class FakeCluster:
         rules: list[dict] | None = None,
         flaky_every: int = 3,
         flaky_statuses: tuple[int, ...] = (500, 429),
+        manifests: Path = K8S_DIR,
     ):
         self.ready_delay = ready_delay
         self.identity = identity
-        self.rules = role_rules() if rules is None else rules
+        self.rules = role_rules(manifests / RBAC_FILE.name) if rules is None else rules
         self.flaky_every = flaky_every
         self.flaky_statuses = flaky_statuses
         self.lock = threading.Lock()
-        committed = [m.obj for m in load_manifests(K8S_DIR)]
+        committed = [m.obj for m in load_manifests(manifests)]
         self.deployments = {o["metadata"]["name"]: copy.deepcopy(o) for o in committed if o["kind"] == "Deployment"}
         self.claims = {
             o["metadata"]["name"]: copy.deepcopy(o) for o in committed if o["kind"] == "PersistentVolumeClaim"

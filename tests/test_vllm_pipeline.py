@@ -14,6 +14,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, EXPERIMENT_ASSETS, exp2_probabilities
+from grace_dagster.assets.exp2 import options_of
 from grace_dagster.resources import ExperimentSettings
 from tests import pipeline
 from tests.conftest import VLLM_MODEL
@@ -103,14 +104,14 @@ def test_both_experiments_materialize_on_vllm_with_every_check(runs, study):
     exp1 = pd.read_parquet(data / "exp1" / "responses" / VLLM_MODEL / f"{study}.parquet")
     structured = pd.read_parquet(data / "exp1" / "structured" / VLLM_MODEL / f"{study}.parquet")
     assert len(exp1) == len(structured) == TRIALS[study]
-    assert set(structured["extraction"]) <= {"parser", "judge", "failed"}
+    assert set(structured["extraction"]) <= {"parser", "judge", "failed"}, "nobody reviewed these rows"
     long = pd.read_parquet(data / "exp2" / "probabilities" / VLLM_MODEL / f"{study}.parquet")
     assert long["trial_id"].nunique() == TRIALS[study]
-    assert np.allclose(long.groupby(["trial_id", "question"])["probability"].sum(), 1.0)
+    assert np.allclose(options_of(long).groupby(["trial_id", "question"])["probability"].sum(), 1.0)
 
 
 def _distributions(data, model: str, study: str) -> pd.DataFrame:
-    table = pd.read_parquet(data / "exp2" / "probabilities" / model / f"{study}.parquet")
+    table = options_of(pd.read_parquet(data / "exp2" / "probabilities" / model / f"{study}.parquet"))
     return table.set_index(["trial_id", "question", "option_index"])[["option", "probability"]]
 
 

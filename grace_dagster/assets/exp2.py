@@ -159,7 +159,7 @@ def exp2_probabilities(
     jobs, asked = question_jobs(part.study, trials, model)
 
     def make_ask(client, _checkpoint):
-        scorer = prompting.OptionScorer(client, model.kind)
+        scorer = prompting.OptionScorer(client, model.kind, prefix_cache=model.serving.backend == "vllm")
 
         async def ask(question: Question):
             scores = await scorer.score_answers(question.messages, question.variants)

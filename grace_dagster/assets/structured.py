@@ -164,7 +164,9 @@ def exp1_structured(
             if turn.key in wanted:
                 seed = common.trial_seed(settings.seed, f"{row_id[0]}/{row_id[1]}/{turn.key}")
                 task = JudgeTask(turn, prompts[turn.key], getattr(rows[row_id], f"response_{turn.key}"), seed)
-                messages = extraction.judge_messages(turn.answer, turn.task, task.question, task.reply)
+                messages = extraction.judge_messages(
+                    turn.answer, turn.task, task.question, task.reply, judge_model.structured_output
+                )
                 key = model_request_key(JUDGE_METHOD, judge_model, messages, settings.judge_max_attempts, task.seed)
                 jobs[key], key_of[(row_id, turn.key)] = task, key
 
@@ -172,7 +174,14 @@ def exp1_structured(
         async def ask(task: JudgeTask):
             turn = task.turn
             found = await extraction.judge(
-                client, turn.answer, turn.task, task.question, task.reply, settings.judge_max_attempts, task.seed
+                client,
+                turn.answer,
+                turn.task,
+                task.question,
+                task.reply,
+                settings.judge_max_attempts,
+                task.seed,
+                judge_model.structured_output,
             )
             return found.record()
 

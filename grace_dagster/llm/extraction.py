@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from grace_dagster.llm.client import LLMClient
 
 # human: a researcher's reading from the review file (grace_dagster/studies/review.py), overriding the machine's.
+StructuredOutput = Literal["json_schema", "json_object"]
 Method = Literal["parser", "judge", "human", "failed"]
 JUDGE_MAX_TOKENS = 200  # a schema's JSON is short; a judge running past this is rambling, and that is a failure
 NOT_ANSWERED = "not answered"  # how a failure reason starts when no answer was found in the reply
@@ -121,9 +122,17 @@ def judge_schema(answer: type[BaseModel]) -> dict:
     return {"anyOf": [answered, not_answered]}
 
 
-def judge_messages(answer: type[BaseModel], task: str, question: str, reply: str) -> list[dict[str, str]]:
+def judge_messages(
+    answer: type[BaseModel], task: str, question: str, reply: str, shape: StructuredOutput = "json_schema"
+) -> list[dict[str, str]]:
     fields = "\n".join(
         f"- {name}: {field.description or field.annotation}" for name, field in answer.model_fields.items()
+    )
+    # A server that enforces only "some JSON" is shown the schema to follow; one that enforces the schema is not.
+    schema = (
+        f"\nThe JSON must follow this JSON schema:\n{json.dumps(judge_schema(answer))}"
+        if shape == "json_object"
+        else ""
     )
     return [
         {
@@ -137,12 +146,15 @@ def judge_messages(answer: type[BaseModel], task: str, question: str, reply: str
                 'answers without choosing one, or gives only part of it), write {"answered": false, "reason": "<why, '
                 'in a few words>"}.\n'
                 "Use only what the reply says: never guess, complete or correct an answer. Reply with the JSON only."
+                f"{schema}"
             ),
         }
     ]
 
 
-def response_format(schema: dict, name: str) -> dict:
+def response_format(schema: dict, name: str, shape: StructuredOutput = "json_schema") -> dict:
+    if shape == "json_object":
+        return {"type": "json_object"}
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
@@ -168,17 +180,25 @@ def _reading(answer: type[BaseModel], content: str) -> tuple[Extraction | None, 
 
 
 async def judge(
-    client: LLMClient, answer: type[BaseModel], task: str, question: str, reply: str, max_attempts: int, seed: int
+    client: LLMClient,
+    answer: type[BaseModel],
+    task: str,
+    question: str,
+    reply: str,
+    max_attempts: int,
+    seed: int,
+    shape: StructuredOutput = "json_schema",
 ) -> Extraction:
     """Ask the judge (an instruct model) to read `reply`; ask again, with the problem, only if its output is
-    malformed."""
-    messages = judge_messages(answer, task, question, reply)
+    malformed. `shape` is what the judge's server enforces (json_schema, or only json_object); the reply is
+    validated with pydantic either way."""
+    messages = judge_messages(answer, task, question, reply, shape)
     schema = judge_schema(answer)
     problems = []
     for attempt in range(1, max_attempts + 1):
         response = await client.chat(
             messages,
-            response_format=response_format(schema, answer.__name__),
+            response_format=response_format(schema, answer.__name__, shape),
             max_tokens=JUDGE_MAX_TOKENS,
             temperature=0.0,
             seed=seed + attempt,

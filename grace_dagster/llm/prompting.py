@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from grace_dagster.llm.cached_scoring import score_options_with_prefix_cache
 from grace_dagster.llm.client import LLMClient
 from grace_dagster.llm.scoring import AnswerScores, OptionScores, ScoringError, score_options
 
@@ -60,11 +61,16 @@ class OptionScorer:
     assistant turn, and each option is the assistant's whole reply, closed by the template's end-of-turn text; so
     no option is a prefix of another and the probability covers the answer ending there. Base models: plain text
     ending in the answer cue, each option a line of its own.
+
+    On vLLM (`prefix_cache`), options are scored so that vLLM reads the question's context from its prefix cache
+    (`cached_scoring`): the same numbers, tested against plain prompt log-probabilities, without re-evaluating the
+    context for every option.
     """
 
-    def __init__(self, client: LLMClient, kind: Kind):
+    def __init__(self, client: LLMClient, kind: Kind, prefix_cache: bool = False):
         self.client = client
         self.kind = kind
+        self.score_options = score_options_with_prefix_cache if prefix_cache else score_options
         self._end_of_turn: str | None = None
 
     async def end_of_turn(self) -> str:
@@ -89,7 +95,7 @@ class OptionScorer:
 
     async def score(self, messages: Messages, options: tuple[str, ...]) -> OptionScores:
         context, continuations = await self.context_and_options(messages, options)
-        scores = await score_options(self.client, context, continuations, add_special_tokens=self.kind == "base")
+        scores = await self.score_options(self.client, context, continuations, add_special_tokens=self.kind == "base")
         return replace(scores, options=list(options))  # the answers, without the end-of-turn or newline
 
     async def score_answers(self, messages: Messages, variants: tuple[tuple[str, ...], ...]) -> AnswerScores:

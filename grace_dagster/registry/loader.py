@@ -86,6 +86,9 @@ class ExternalServing(_Strict):
     base_url: str
     api_key_env: str
     max_concurrency: int = Field(default=EXTERNAL_CONCURRENCY, ge=1)
+    # What the hosted API enforces for structured output: json_schema (constrained decoding to a schema), or only
+    # json_object (any JSON: the schema then goes into the instructions). DeepSeek's API documents only json_object.
+    structured_output: Literal["json_schema", "json_object"] = "json_object"
 
 
 Serving = Annotated[EmbeddedServing | VllmServing | ExternalServing, Field(discriminator="backend")]
@@ -182,6 +185,11 @@ class Model(_Strict):
 
     def has_exception(self, rule: NrpRule) -> bool:
         return any(e.rule == rule for e in self.nrp_exceptions)
+
+    @property
+    def structured_output(self) -> Literal["json_schema", "json_object"]:
+        """How a judge request asks this model for JSON: vLLM and the embedded server enforce a JSON schema."""
+        return self.serving.structured_output if isinstance(self.serving, ExternalServing) else "json_schema"
 
     @property
     def tensor_parallel_size(self) -> int:
