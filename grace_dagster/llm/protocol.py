@@ -47,7 +47,8 @@ class SamplingFields(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    # Several samples per prompt; as on vLLM, sample i is seeded with seed + i, so each is reproducible on its own.
+    n: int = Field(default=1, ge=1)
     response_format: ResponseFormat | None = None
 
     @property

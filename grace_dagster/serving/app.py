@@ -4,6 +4,8 @@ Routes are thin: validate (pydantic, 400 on any problem), run the engine in a wo
 llama.cpp contexts are not thread-safe), and shape the answer with the wire models of `grace_dagster.llm.protocol`.
 """
 
+from dataclasses import replace
+
 import jsonschema
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +52,11 @@ class ApiError(Exception):
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _seeds(seed: int | None, n: int) -> list[int | None]:
+    """One seed per sample, as vLLM gives them: sample i of a request with `seed` is seeded with seed + i."""
+    return [None if seed is None else seed + i for i in range(n)]
 
 
 def _clamp(logprob: float) -> float:
@@ -172,11 +179,16 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
 
         def work():
             ids = [engine.tokenize(t, req.add_special_tokens) if t is not None else p for t, p in zip(texts, prompt)]
-            results = engine.run(ids, want_prompt_logprobs, top_k, sampling)
-            return [_completion_choice(engine, i, text, r, req) for i, (text, r) in enumerate(zip(texts, results))]
+            samples = [
+                engine.run(ids, want_prompt_logprobs, top_k, replace(sampling, seed=seed))
+                for seed in _seeds(req.seed, req.n)
+            ]
+            # Ordered as vLLM orders them: every sample of the first prompt, then of the next.
+            by_prompt = [(text, sample[p]) for p, text in enumerate(texts) for sample in samples]
+            return [_completion_choice(engine, i, text, r, req) for i, (text, r) in enumerate(by_prompt)]
 
         choices = await in_engine(work)
-        prompt_tokens = sum(len(c[1].prompt_ids) for c in choices)
+        prompt_tokens = sum(len(c[1].prompt_ids) for c in choices[:: req.n])  # each prompt once, as vLLM counts
         completion_tokens = sum(len(c[1].output_ids) for c in choices)
         metrics.inc("grace_server_prompt_tokens_total", prompt_tokens)
         metrics.inc("grace_server_generation_tokens_total", completion_tokens)
@@ -208,14 +220,15 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
                 grammar=grammar,
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             )
-            return engine.run([ids], False, None, sampling)[0]
+            return [engine.run([ids], False, None, replace(sampling, seed=seed))[0] for seed in _seeds(req.seed, req.n)]
 
-        result = await in_engine(work)
-        metrics.inc("grace_server_prompt_tokens_total", len(result.prompt_ids))
-        metrics.inc("grace_server_generation_tokens_total", len(result.output_ids))
-        logprobs = None
-        if req.logprobs:
-            logprobs = ChatChoiceLogprobs(
+        results = await in_engine(work)
+        n_prompt, n_out = len(results[0].prompt_ids), sum(len(r.output_ids) for r in results)
+        metrics.inc("grace_server_prompt_tokens_total", n_prompt)
+        metrics.inc("grace_server_generation_tokens_total", n_out)
+
+        def logprobs(result):
+            return ChatChoiceLogprobs(
                 content=[
                     ChatTokenLogprob(
                         token=engine.token_text(t),
@@ -225,16 +238,17 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
                     for t, p in zip(result.output_ids, result.output_logprobs)
                 ]
             )
-        n_prompt, n_out = len(result.prompt_ids), len(result.output_ids)
+
         return ChatResponse(
             model=served_name,
             choices=[
                 ChatChoice(
-                    index=0,
+                    index=i,
                     message=ChatResponseMessage(content=result.output_text),
-                    logprobs=logprobs,
+                    logprobs=logprobs(result) if req.logprobs else None,
                     finish_reason=result.finish_reason,
                 )
+                for i, result in enumerate(results)
             ],
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
         )
