@@ -101,16 +101,23 @@ def scenario_agrees_with_state(row: dict) -> tuple[str, str] | None:
     return None
 
 
-def _question(trial: Trial) -> str:
-    """The trial as the original experiment showed it: scenario, true state (unless the scenario already states it),
-    goal, question, and the answer set."""
+def _situation(trial: Trial) -> list[str]:
+    """The scenario and the true state (unless the scenario already states it)."""
     speaker = value(trial, "speaker", "the speaker")
-    listener = value(trial, "listener", "the listener")
     lines = [trial.Scenario]
     if stated_hearts(trial.Scenario) is None:
         lines.append(
             f"Here's how {speaker} actually felt about it, on a scale of 0 to 3 hearts: {trial.State} out of 3 hearts."
         )
+    return lines
+
+
+def _question(trial: Trial) -> str:
+    """The trial as the original experiment showed it: scenario, true state (unless the scenario already states it),
+    goal, question, and the answer set."""
+    speaker = value(trial, "speaker", "the speaker")
+    listener = value(trial, "listener", "the listener")
+    lines = _situation(trial)
     goal = GOAL_WORDING[trial.Goal].format(SP=speaker, LS=listener)
     lines.append(f"{goal} what would {speaker} be most likely to say?")
     lines.append(f"Reply with exactly one of: {', '.join(UTTERANCES)}.")
@@ -121,8 +128,35 @@ def exp1_prompts(trial: Trial) -> list[str]:
     return [_question(trial)]
 
 
+# The literal-meaning task (Yoon et al. 2020, Supplementary Materials): a separate group of people saw a true state
+# and answered, for one utterance, whether the speaker thought the work was / wasn't <adjective>: yes or no, with no
+# goal given. Its answers are the literal meanings the paper's model starts from. Here it is an Experiment 2 question
+# set: for each trial's scenario and true state, each of the 8 utterances. Without the goal, trials of one scenario
+# and state ask word for word the same questions, which Experiment 2 scores once.
+LITERAL_KEYS = {u: f"literal_{option_slug(u)}" for u in UTTERANCES}
+YES_NO = ("yes", "no")
+
+
+def literal_questions(trial: Trial) -> list[Question]:
+    speaker = value(trial, "speaker", "the speaker")
+    situation = "\n".join(_situation(trial))
+    return [
+        Question(
+            key=LITERAL_KEYS[f"It {polarity} {word}"],
+            messages=user(f"{situation}\nDo you think {speaker} thought it {polarity} {word}? Reply with yes or no."),
+            options=YES_NO,
+        )
+        for polarity in POLARITIES
+        for word in ASSESSMENTS
+    ]
+
+
 def exp2_questions(trial: Trial) -> list[Question]:
-    return [Question(key="utterance", messages=user(_question(trial)), options=UTTERANCES, sums={"negation": NEGATED})]
+    """The utterance the speaker would choose (the prompt of Experiment 1), then the literal-meaning questions."""
+    utterance = Question(
+        key="utterance", messages=user(_question(trial)), options=UTTERANCES, sums={"negation": NEGATED}
+    )
+    return [utterance, *literal_questions(trial)]
 
 
 class Answer(BaseModel):
