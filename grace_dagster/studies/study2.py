@@ -131,13 +131,18 @@ def exp1_prompts(trial: Trial) -> list[str]:
 # The literal-meaning task (Yoon et al. 2020, Supplementary Materials): a separate group of people saw a true state
 # and answered, for one utterance, whether the speaker thought the work was / wasn't <adjective>: yes or no, with no
 # goal given. Its answers are the literal meanings the paper's model starts from. Here it is an Experiment 2 question
-# set: for each trial's scenario and true state, each of the 8 utterances. Without the goal, trials of one scenario
-# and state ask word for word the same questions, which Experiment 2 scores once.
+# set, asked of the scenario and true state of the trials of one goal condition: the task shows no goal, and the
+# trials of one condition already cover every state (each participant sees each goal × state once), so asking the
+# other two conditions' trials as well would triple its cost for the same utterance × state cells.
 LITERAL_KEYS = {u: f"literal_{option_slug(u)}" for u in UTTERANCES}
+LITERAL_TASK_GOAL = "informative"
 YES_NO = ("yes", "no")
 
 
 def literal_questions(trial: Trial) -> list[Question]:
+    """For each utterance: given the scenario and the true state, did the speaker think it was / wasn't <word>?"""
+    if trial.Goal != LITERAL_TASK_GOAL:
+        return []
     speaker = value(trial, "speaker", "the speaker")
     situation = "\n".join(_situation(trial))
     return [
@@ -152,7 +157,8 @@ def literal_questions(trial: Trial) -> list[Question]:
 
 
 def exp2_questions(trial: Trial) -> list[Question]:
-    """The utterance the speaker would choose (the prompt of Experiment 1), then the literal-meaning questions."""
+    """The utterance the speaker would choose (the prompt of Experiment 1); for the trials of LITERAL_TASK_GOAL
+    also the literal-meaning questions."""
     utterance = Question(
         key="utterance", messages=user(_question(trial)), options=UTTERANCES, sums={"negation": NEGATED}
     )
