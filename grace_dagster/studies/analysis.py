@@ -329,11 +329,11 @@ def captured_mass_summary(masses: pd.DataFrame) -> pd.DataFrame:
 def temperature_note(inp: AnalysisInput) -> str:
     """What the two experiments' numbers are draws from, said wherever they appear side by side."""
     exp1 = sorted({s.temperature for s in inp.exp1_sampling.values()})
+    exp2 = f"Experiment 2 reads the model's own distribution, which is temperature {EXP2_TEMPERATURE:g}."
+    if not inp.exp1:
+        return f"No Experiment 1 answers were read (refused by their checks or not run). {exp2}"
     said = ", ".join(f"{t:g}" for t in exp1) or "unknown"
-    note = (
-        f"Experiment 1 answers are sampled at temperature {said}; Experiment 2 reads the model's own distribution, "
-        f"which is temperature {EXP2_TEMPERATURE:g}."
-    )
+    note = f"Experiment 1 answers are sampled at temperature {said}; {exp2}"
     if exp1 != [EXP2_TEMPERATURE]:
         note += " The two differ by design (the research plan); set settings.temperature to 1 for a like-for-like run."
     return note

@@ -355,6 +355,7 @@ def _fits(
                 {
                     "model": model,
                     "source": source,
+                    "n_trials": int(answers[source].loc[answers[source]["model"] == model, ID_COLUMN].nunique()),
                     "n_answers": int(mine.n_rows.sum()),
                     "cells": negation.pop("negation_values"),
                     **negation,
@@ -529,7 +530,7 @@ def _plot_heatmaps(merged: pd.DataFrame, inp: AnalysisInput) -> bytes:
     image = None
     for axis_row, model in zip(axes, models):
         people = human[list(UTTERANCES)].reindex(rows).to_numpy()
-        image = _heatmap(axis_row[0], people, "people\n(Yoon et al. 2020, 203 answers per row)")
+        image = _heatmap(axis_row[0], people, "people\nYoon et al. 2020\n203 answers per row")
         for axis, source in zip(axis_row[1:], SOURCES):
             mine = merged[(merged.model == model) & (merged.source == source)].set_index(CELL)
             matrix = mine[list(UTTERANCES)].reindex(rows).to_numpy(dtype=float)
@@ -541,7 +542,7 @@ def _plot_heatmaps(merged: pd.DataFrame, inp: AnalysisInput) -> bytes:
             else:
                 how = f"temperature {analysis.EXP2_TEMPERATURE:g}"
             detail = how if len(mine) else "refused by its checks or not run"
-            _heatmap(axis, matrix, f"{model}: {SOURCES[source]}\n{detail}")
+            _heatmap(axis, matrix, f"{model}\n{SOURCES[source]}\n{detail}")
         axis_row[0].set_yticks(range(len(rows)), [f"{g}, {s} hearts" for g, s in rows], fontsize=7)
         for axis in axis_row[1:]:
             axis.set_yticks([])
