@@ -549,7 +549,9 @@ def _plot_heatmaps(merged: pd.DataFrame, inp: AnalysisInput) -> bytes:
         axis_row[0].set_ylabel("goal, true state")
     figure.colorbar(image, ax=axes, shrink=0.6, label="proportion of answers (0-1)")
     figure.suptitle(
-        "Study 2: distribution over the 8 utterances by goal and true state, each model beside people", fontsize=10
+        "Study 2: distribution over the 8 utterances by goal and true state, each model beside people",
+        fontsize=10,
+        y=0.97 + 0.08 / len(models),  # above the panels' three-line titles
     )
     return analysis.png(figure)
 
