@@ -53,7 +53,7 @@ def test_checkpoint_keys_survive_edits_to_code_and_change_with_the_request(monke
         )
     for module in (exp1, exp2, structured):
         monkeypatch.setattr(module, "CODE_VERSION", "edited")
-    monkeypatch.setattr(study1, "_plot", lambda bets: b"")  # a plot rewritten
+    monkeypatch.setattr(study1, "_plot_bets", lambda bets: b"")  # a plot rewritten
     monkeypatch.setattr(structured, "judged_and_failed_rows", lambda table, check: None)  # a check rewritten
     for name, study in STUDIES.items():
         trials = study.load().head(3)
@@ -295,7 +295,7 @@ def test_a_killed_model_server_is_started_again_and_the_partition_finishes_with_
     def kill_when_two_done():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if sum("turns" in r for r in pipeline.checkpoint_records(checkpoint)) >= 2 and _own_servers():
+            if sum("conversations" in r for r in pipeline.checkpoint_records(checkpoint)) >= 2 and _own_servers():
                 killed.extend(_own_servers())
                 for pid in killed:
                     os.kill(pid, signal.SIGKILL)
@@ -309,7 +309,7 @@ def test_a_killed_model_server_is_started_again_and_the_partition_finishes_with_
     assert killed, "the server was killed mid-partition"
     meta = pipeline.metadata(result, exp1_responses.key)
     assert result.success and meta["server_restarts"] == 1
-    conversations = [r for r in pipeline.checkpoint_records(checkpoint) if "turns" in r]
+    conversations = [r for r in pipeline.checkpoint_records(checkpoint) if "conversations" in r]
     assert len(conversations) == 8 and len({r["trial_id"] for r in conversations}) == 8
     table = pd.read_parquet(tmp_path / "data" / "exp1" / "responses" / MODEL / "study2.parquet")
     assert len(table) == 8 and table["trial_id"].is_unique and table["response_utterance"].notna().all()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from grace_dagster.llm.cached_scoring import score_options_with_prefix_cache
-from grace_dagster.llm.client import LLMClient
+from grace_dagster.llm.client import LLMClient, LLMError
 from grace_dagster.llm.scoring import AnswerScores, OptionScores, ScoringError, score_options
 
 Kind = Literal["instruct", "base"]
@@ -34,24 +34,45 @@ def plain_text(messages: Messages) -> str:
 class Answer:
     text: str
     finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int  # the prompt this answer was sampled after
+    completion_tokens: int | None  # this answer's own tokens; None if the server gave no per-answer count
 
 
 async def generate_answer(
-    client: LLMClient, kind: Kind, messages: Messages, max_tokens: int, temperature: float, seed: int
-) -> Answer:
-    """One free-text answer (Experiment 1)."""
-    params = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    client: LLMClient,
+    kind: Kind,
+    messages: Messages,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    n: int = 1,
+) -> list[Answer]:
+    """`n` free-text answers to one conversation (Experiment 1), in one request.
+
+    Answer i is sampled with seed + i (vLLM's rule for `n`, which the embedded server follows), so each answer can
+    be asked again on its own, with n=1 and its own seed, and comes back the same. The usage block sums over the
+    request's answers, so each answer's own token count is read from its token log-probabilities (one entry per
+    generated token on both servers).
+    """
+    params = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, n=n)
     if kind == "instruct":
-        response = await client.chat(messages, **params)
-        choice = response.choices[0]
-        text = choice.message.content or ""
+        chat = await client.chat(messages, logprobs=True, top_logprobs=0, **params)
+        usage, choices = chat.usage, sorted(chat.choices, key=lambda c: c.index)
+        texts = [choice.message.content or "" for choice in choices]
+        counts = [len(c.logprobs.content or []) if c.logprobs else None for c in choices]
     else:
-        response = await client.complete(plain_text(messages), stop=BASE_MODEL_STOP, **params)
-        choice = response.choices[0]
-        text = choice.text.strip()
-    return Answer(text, choice.finish_reason, response.usage.prompt_tokens, response.usage.completion_tokens)
+        completion = await client.complete(plain_text(messages), stop=BASE_MODEL_STOP, logprobs=0, **params)
+        usage, choices = completion.usage, sorted(completion.choices, key=lambda c: c.index)
+        texts = [choice.text.strip() for choice in choices]
+        counts = [len(c.logprobs.tokens) if c.logprobs else None for c in choices]
+    if len(choices) != n:
+        raise LLMError(f"asked for {n} answers, the server returned {len(choices)}")
+    if n == 1 and counts[0] is None:
+        counts = [usage.completion_tokens]  # one answer: the usage block is its own
+    return [
+        Answer(text, choice.finish_reason, usage.prompt_tokens, count)
+        for choice, text, count in zip(choices, texts, counts)
+    ]
 
 
 class OptionScorer:

@@ -12,6 +12,11 @@ def _env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
 class ExperimentSettings(ConfigurableResource):
     """Set in the UI's launchpad (resources.settings.config) or through the environment for the CLI."""
 
@@ -20,7 +25,18 @@ class ExperimentSettings(ConfigurableResource):
         description="Use only the first N trials of each study (the quick profile); None runs all of them.",
     )
     seed: int = Field(default=20261122, description="Base seed; each trial's seed derives from it and its id.")
-    temperature: float = Field(default=0.7, description="Sampling temperature for Experiment 1 (research plan).")
+    temperature: float = Field(
+        default_factory=lambda: _env_float("GRACE_TEMPERATURE", 0.7),
+        ge=0,
+        description="Sampling temperature for Experiment 1 (research plan: 0.7). Experiment 2 reads the model's own "
+        "distribution, which is temperature 1: set 1 here for a like-for-like comparison of the two experiments.",
+    )
+    samples_per_trial: int = Field(
+        default_factory=lambda: _env_int("GRACE_SAMPLES_PER_TRIAL") or 1,
+        ge=1,
+        description="Experiment 1 answers sampled per trial (the OpenAI `n` parameter; sample i is seeded with the "
+        "trial's seed + i). The published LLM rerun of study 2 used 30.",
+    )
     max_tokens: int = Field(
         default_factory=lambda: _env_int("GRACE_MAX_TOKENS") or 160,
         description="Token limit of an Experiment 1 answer.",

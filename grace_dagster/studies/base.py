@@ -81,6 +81,10 @@ class Study:
     analyze: Callable[[AnalysisInput], Analysis]
     # Checks across a row's columns (e.g. a scenario that states another true state than the State column).
     row_checks: tuple[RowCheck, ...] = ()
+    # The column naming a trial's item (the story, the scenario): the analysis resamples items, not trials or
+    # samples, for its intervals, since repeated answers to one item are not independent evidence. Trials stand in
+    # for items when an input lacks the column.
+    item_column: str | None = None
 
     @property
     def sample_path(self) -> Path:
@@ -113,17 +117,27 @@ class Study:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How a model's Experiment 1 answers were sampled (from its raw responses' materialization)."""
+
+    temperature: float
+    samples_per_trial: int
+
+
+@dataclass(frozen=True)
 class AnalysisInput:
-    """The partitions that passed their gates, by model: Experiment 1 structured answers, Experiment 2 wide tables."""
+    """The partitions that passed their gates, by model: Experiment 1 structured answers, Experiment 2 wide tables,
+    and how each model's Experiment 1 answers were sampled (unknown for a model missing from `exp1_sampling`)."""
 
     study: Study
     exp1: dict[str, pd.DataFrame]
     exp2: dict[str, pd.DataFrame]
+    exp1_sampling: dict[str, Sampling] = field(default_factory=dict)
 
 
 @dataclass
 class Analysis:
-    table: pd.DataFrame  # one row per model × trial, for R
+    table: pd.DataFrame  # one row per model × trial × sample, for R
     comparisons: dict[str, pd.DataFrame]  # name -> table comparing models with the human results
     figures: dict[str, bytes]  # name -> PNG
     metadata: dict[str, Any] = field(default_factory=dict)  # headline numbers

@@ -10,14 +10,16 @@ is a conversation of three turns, each answered before the next is asked.
 from __future__ import annotations
 
 import re
+import textwrap
 from typing import Literal
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grace_dagster.studies import analysis
-from grace_dagster.studies.base import Analysis, AnalysisInput, Question, Study, Trial, Turn, user
+from grace_dagster.studies.base import ID_COLUMN, Analysis, AnalysisInput, Question, Study, Trial, Turn, user
 from grace_dagster.studies.inputs import Column, int_in_range, one_of, text
 from grace_dagster.studies.text import NAME, first_name_match, number_value, plain_reply
 
@@ -294,33 +296,6 @@ def not_placed(trials: pd.DataFrame) -> dict[str, int]:
     return {reason: int(mask.sum()) for reason, mask in reasons.items() if mask.any()}
 
 
-def _bets_by_condition(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean bets on each state and on "knows exactly", per model × source × (access, said) condition."""
-    rows = []
-    exp1 = analysis.usable_exp1(table)
-    sources = {
-        "exp1": (exp1, [f"exp1_Bet_{k}" for k in STATES], exp1["exp1_Knowledge_A"].map({"yes": 100.0, "no": 0.0})),
-        "exp2": (table, [f"exp2_bet_{k}" for k in STATES], table["exp2_knowledge_p_yes"] * 100.0),
-    }
-    for source, (frame, bet_columns, knows) in sources.items():
-        frame = frame.assign(knows=pd.Series(knows, index=frame.index, dtype="float64"))
-        frame = frame.dropna(subset=[bet_columns[0], *CONDITION])
-        for (model, access, said), group in frame.groupby(["model", *CONDITION]):
-            rows.append(
-                {
-                    "model": model,
-                    "source": source,
-                    "access": int(access),
-                    "said": said,
-                    "n_trials": len(group),
-                    **{f"bet_{k}": float(group[c].astype("float64").mean()) for k, c in zip(STATES, bet_columns)},
-                    "bet_knows_exactly": float(group["knows"].mean()),
-                }
-            )
-    columns = ["model", "source", "access", "said", "n_trials", *[f"bet_{k}" for k in STATES], "bet_knows_exactly"]
-    return pd.DataFrame(rows, columns=columns).astype({"access": "Int64", "said": "string"})
-
-
 FINDING_COLUMNS = ["model", "source", "access", "said", "comparison", "people", "model_difference"]
 
 
@@ -358,8 +333,8 @@ def _findings(bets: pd.DataFrame, human: dict) -> pd.DataFrame:
         for said, accesses, numbers, people in _knowledge_references(human):
             said_matches = ~mine.said.isin(QUANTIFIERS.values()) if numbers else mine.said == said
             chosen = mine[mine.access.isin(accesses) & said_matches]
-            weights = chosen.n_trials.sum()
-            mean = (chosen.bet_knows_exactly * chosen.n_trials).sum() / weights if weights else float("nan")
+            weights = chosen.n_answers.sum()
+            mean = (chosen.bet_knows_exactly * chosen.n_answers).sum() / weights if weights else float("nan")
             rows.append(
                 {
                     "model": model,
@@ -377,38 +352,379 @@ def _findings(bets: pd.DataFrame, human: dict) -> pd.DataFrame:
     )
 
 
-def _plot(bets: pd.DataFrame) -> bytes:
+BET_VALUES = [*[f"bet_{k}" for k in STATES], "bet_knows_exactly"]
+MEASURES = {**{f"bet_{k}": f"bet on {k}" for k in STATES}, "bet_knows_exactly": "bet that the speaker knows exactly"}
+SOURCES = {"exp1": "Experiment 1 (sampled answers)", "exp2": "Experiment 2 (exact probabilities)"}
+
+
+def _said_kind(said: pd.Series) -> pd.Series:
+    """ "some" or "a number": the two utterance kinds people's knowledge bets are reported for."""
+    return said.where(said.isin(QUANTIFIERS.values()), "a number")
+
+
+def _answers(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per source, one row per placed answer with its bets in dollars: Experiment 1 one row per extracted sample
+    (the bets it gave; knows exactly: 100 for yes, 0 for no), Experiment 2 one row per trial (the four states'
+    expected chances rescaled to 100 dollars; knows exactly: 100 × p(yes))."""
+    exp1 = analysis.usable_exp1(table)
+    exp2 = analysis.exp2_rows(table, "exp2_bet_0")
+    sources = {
+        "exp1": (exp1, [f"exp1_Bet_{k}" for k in STATES], exp1["exp1_Knowledge_A"].map({"yes": 100.0, "no": 0.0})),
+        "exp2": (exp2, [f"exp2_bet_{k}" for k in STATES], exp2["exp2_knowledge_p_yes"] * 100.0),
+    }
+    frames = {}
+    for source, (rows, bet_columns, knows) in sources.items():
+        frame = rows[["model", ID_COLUMN, analysis.ITEM, *CONDITION]].copy()
+        for k, column in zip(STATES, bet_columns):
+            frame[f"bet_{k}"] = rows[column].astype("float64")
+        frame["bet_knows_exactly"] = pd.Series(knows, index=rows.index, dtype="float64")
+        frame = frame.dropna(subset=[*CONDITION, "bet_0"])
+        frames[source] = frame.astype({"access": "int64", "said": "string"}).assign(
+            said_kind=lambda f: _said_kind(f.said)
+        )
+    return frames
+
+
+def _items(frame: pd.DataFrame, model: str) -> int:
+    """How many items (stories) a model's rows come from: what its fit statistics are resampled over."""
+    return int(frame.loc[frame["model"] == model, analysis.ITEM].nunique())
+
+
+def _bets_by_condition(
+    boot: analysis.Bootstrap, answers: dict[str, pd.DataFrame], inp: AnalysisInput
+) -> tuple[pd.DataFrame, dict[str, analysis.CellMeans]]:
+    """Mean bets on each state and on "knows exactly" (dollars), with intervals over stories, per model × source ×
+    (access, said) condition."""
+    frames, cells = [], {}
+    for source, frame in answers.items():
+        if frame.empty:
+            continue
+        means = cells[source] = boot.means(frame, ["model", *CONDITION], BET_VALUES)
+        table = means.frame()
+        table.insert(0, "n_items", means.n_items)
+        table.insert(0, "n_answers", means.n_rows.astype(int))
+        table.insert(
+            0, "n_trials", frame.groupby(["model", *CONDITION])[ID_COLUMN].nunique().reindex(means.index).to_numpy()
+        )
+        table.insert(0, "source", source)
+        frames.append(table.reset_index())
+    columns = ["model", *CONDITION, "source", "n_trials", "n_answers", "n_items"]
+    bets = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*columns, *BET_VALUES])
+    bets = bets[
+        [
+            "model",
+            "source",
+            "access",
+            "said",
+            *[c for c in bets.columns if c not in ("model", "source", "access", "said")],
+        ]
+    ]
+    temperature = analysis.sampling_columns(inp, bets["model"])["exp1_temperature"]
+    bets["temperature"] = temperature.where(bets["source"] == "exp1", analysis.EXP2_TEMPERATURE)
+    return bets.astype({"access": "Int64", "said": "string", "n_answers": "int64"}), cells
+
+
+def _exp1_vs_exp2(cells: dict[str, analysis.CellMeans], inp: AnalysisInput) -> pd.DataFrame:
+    """Per model × condition × measure: the mean bet in Experiment 1 beside Experiment 2's (dollars), and their
+    difference, each with its interval over stories (the two from the same resamples)."""
+    if set(cells) != {"exp1", "exp2"}:
+        return pd.DataFrame()
+    index = cells["exp1"].index.union(cells["exp2"].index)
+    exp1, exp2 = cells["exp1"].reindex(index), cells["exp2"].reindex(index)
+    n_items = np.minimum(exp1.n_items, exp2.n_items).astype(int)
+    exp1_low, exp1_high = exp1.interval()
+    exp2_low, exp2_high = exp2.interval()
+    difference_low, difference_high = analysis.percentile_interval(exp1.replicates - exp2.replicates, n_items)
+    rows = []
+    for i, (model, access, said) in enumerate(index):
+        for j, value in enumerate(BET_VALUES):
+            rows.append(
+                {
+                    "model": model,
+                    "access": access,
+                    "said": said,
+                    "measure": MEASURES[value],
+                    "exp1_answers": int(exp1.n_rows[i]),
+                    "exp2_trials": int(exp2.n_rows[i]),
+                    "n_items": n_items[i],
+                    "exp1_mean": exp1.point[i, j],
+                    "exp1_ci_low": exp1_low[i, j],
+                    "exp1_ci_high": exp1_high[i, j],
+                    "exp2_mean": exp2.point[i, j],
+                    "exp2_ci_low": exp2_low[i, j],
+                    "exp2_ci_high": exp2_high[i, j],
+                    "difference": exp1.point[i, j] - exp2.point[i, j],
+                    "difference_ci_low": difference_low[i, j],
+                    "difference_ci_high": difference_high[i, j],
+                }
+            )
+    table = pd.DataFrame(rows).astype({"access": "Int64", "said": "string"})
+    return table.join(analysis.sampling_columns(inp, table["model"]))
+
+
+def _people_knows(human: dict, said_kind: str, access: int) -> float:
+    """People's mean bet that the speaker knows exactly, for "some" by access and for numbers by partial (1-2) or
+    complete (3) access."""
+    if said_kind == "some":
+        return human["exp1_knowledge_bets_by_access"][str(access)]["mean"]
+    numbers = human["exp2_knowledge_bets"]
+    return numbers["complete_access_mean"] if access == 3 else numbers["partial_access_mean"]
+
+
+def _knowledge(
+    boot: analysis.Bootstrap, answers: dict[str, pd.DataFrame], human: dict, inp: AnalysisInput
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The bet that the speaker knows exactly (dollars), per model × source × what was said (some, a number) ×
+    access, beside people's; and per model × source r and RMSE against people's five reported means (some at
+    access 1, 2, 3; numbers at partial and complete access), with intervals over stories."""
+    frames, fits = [], []
+    reference = [("some", [1], 1), ("some", [2], 2), ("some", [3], 3), ("a number", [1, 2], 1), ("a number", [3], 3)]
+    for source, frame in answers.items():
+        if frame.empty or not frame["said_kind"].isin(["some", "a number"]).any():
+            continue
+        means = boot.means(frame, ["model", "said_kind", "access"], ["bet_knows_exactly"])
+        table = means.frame({"bet_knows_exactly": "bet_knows_exactly"})
+        table.insert(0, "n_items", means.n_items)
+        table.insert(0, "n_answers", means.n_rows.astype(int))
+        table = table.reset_index()
+        table.insert(1, "source", source)
+        table["people_mean_bet"] = [_people_knows(human, k, a) for k, a in zip(table.said_kind, table.access)]
+        frames.append(table)
+        grouped = frame.assign(
+            condition=[
+                f"{kind}, access {'1-2' if kind == 'a number' and access < 3 else access}"
+                for kind, access in zip(frame.said_kind, frame.access)
+            ]
+        )
+        conditions = boot.means(grouped, ["model", "condition"], ["bet_knows_exactly"])
+        people = {
+            f"{kind}, access {'1-2' if accesses == [1, 2] else accesses[0]}": _people_knows(human, kind, a)
+            for kind, accesses, a in reference
+        }
+        for model in conditions.index.get_level_values("model").unique():
+            mine = conditions.reindex(conditions.index[conditions.index.get_level_values("model") == model])
+            human_values = np.array([people.get(c, np.nan) for c in mine.index.get_level_values("condition")])
+            fit = analysis.fit_with_interval(
+                mine.point[:, 0], mine.replicates[:, :, 0], human_values, _items(frame, model), "knowledge"
+            )
+            fits.append({"model": model, "source": source, "conditions": fit.pop("knowledge_values"), **fit})
+    knowledge = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    fit_table = pd.DataFrame(fits)
+    for table in (knowledge, fit_table):
+        if len(table):
+            temperature = analysis.sampling_columns(inp, table["model"])["exp1_temperature"]
+            table["temperature"] = temperature.where(table["source"] == "exp1", analysis.EXP2_TEMPERATURE)
+    return knowledge, fit_table
+
+
+def _coherence(boot: analysis.Bootstrap, table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, from Experiment 2: the sum of the four states' expected chances, each asked on its own (people's
+    bets add up to 100 by construction; a coherent model's would too), and p(yes) for the knowledge question by
+    the speaker's access, each mean with its interval over stories."""
+    rows = analysis.exp2_rows(table, "exp2_state_means_sum").dropna(subset=["access"])
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(model=rows["model"], access=rows["access"].astype("int64"))
+    sums = boot.means(rows, ["model"], ["exp2_state_means_sum"])
+    knows = boot.means(rows, ["model", "access"], ["exp2_knowledge_p_yes"])
+    sums_low, sums_high = sums.interval()
+    knows_low, knows_high = knows.interval()
+    out = []
+    for i, model in enumerate(sums.index):
+        mine = rows[rows.model == model]["exp2_state_means_sum"]
+        row = {
+            "model": model,
+            "n_trials": int(sums.n_rows[i]),
+            "n_items": int(sums.n_items[i]),
+            "state_means_sum_mean": sums.point[i, 0],
+            "state_means_sum_ci_low": sums_low[i, 0],
+            "state_means_sum_ci_high": sums_high[i, 0],
+            "state_means_sum_min": float(mine.min()),
+            "state_means_sum_max": float(mine.max()),
+        }
+        for access in STATES[1:]:
+            position = knows.index.get_indexer([(model, access)])[0]
+            found = position >= 0
+            row[f"knowledge_p_yes_access_{access}"] = knows.point[position, 0] if found else np.nan
+            row[f"knowledge_p_yes_access_{access}_ci_low"] = knows_low[position, 0] if found else np.nan
+            row[f"knowledge_p_yes_access_{access}_ci_high"] = knows_high[position, 0] if found else np.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# --- Plots ---------------------------------------------------------------------------------------------------------
+
+
+def _plot_bets(bets: pd.DataFrame) -> bytes:
     conditions = sorted({(int(a), str(s)) for a, s in zip(bets.access, bets.said)})
     figure, axes = plt.subplots(1, max(len(conditions), 1), figsize=(3 * max(len(conditions), 1), 3), sharey=True)
     axes = [axes] if len(conditions) <= 1 else axes
     for axis, (access, said) in zip(axes, conditions):
         cell = bets[(bets.access == access) & (bets.said == said)]
-        for row in cell.itertuples(index=False):
-            axis.plot(STATES, [getattr(row, f"bet_{k}") for k in STATES], marker="o", label=f"{row.model} {row.source}")
+        for offset, row in enumerate(cell.itertuples(index=False)):
+            values = [getattr(row, f"bet_{k}") for k in STATES]
+            low = [getattr(row, f"bet_{k}_ci_low") for k in STATES]
+            high = [getattr(row, f"bet_{k}_ci_high") for k in STATES]
+            axis.errorbar(
+                np.array(STATES) + 0.06 * offset,
+                values,
+                yerr=analysis.error_bars(values, low, high),
+                marker="o",
+                capsize=2,
+                label=f"{row.model}, {SOURCES[row.source]}, 95% CI over stories",
+            )
         axis.set_title(f"looked at {access}, said '{said}'", fontsize=9)
         axis.set_xticks(STATES)
-        axis.set_xlabel("state (how many)")
-    return analysis.finish(figure, "mean bet ($)", "Study 1: bets on each state after the utterance, by speaker access")
+        axis.set_xlabel("state (how many of 3)")
+    return analysis.finish(
+        figure,
+        "mean bet ($ of 100)",
+        "Study 1: bets on each state after the utterance, by speaker access (Experiment 2: expected chances rescaled "
+        "to $100; no per-state human data is public)",
+    )
+
+
+def _plot_exp1_vs_exp2(comparison: pd.DataFrame, note: str) -> bytes:
+    models = sorted(comparison["model"].unique())
+    figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        mine = comparison[comparison.model == model]
+        for measure, marker in zip(MEASURES.values(), "os^vD"):
+            chosen = mine[mine.measure == measure]
+            axis.errorbar(
+                chosen.exp2_mean,
+                chosen.exp1_mean,
+                xerr=analysis.error_bars(chosen.exp2_mean, chosen.exp2_ci_low, chosen.exp2_ci_high),
+                yerr=analysis.error_bars(chosen.exp1_mean, chosen.exp1_ci_low, chosen.exp1_ci_high),
+                marker=marker,
+                linestyle="none",
+                capsize=2,
+                label=measure,
+            )
+        axis.plot([0, 100], [0, 100], color="grey", linewidth=0.8, label="equal in both experiments")
+        axis.set_xlim(-2, 102)
+        axis.set_ylim(-2, 102)
+        axis.set_title(f"{model}: one point per access × said condition", fontsize=9)
+        axis.set_xlabel("Experiment 2: mean bet ($ of 100)")
+    return analysis.finish(
+        figure,
+        "Experiment 1: mean bet ($ of 100)",
+        "Study 1: Experiment 1 against Experiment 2 per condition (Experiment 2: the states' expected chances rescaled "
+        f"to $100), 95% CIs over stories\n{textwrap.fill(note, 110)}",
+    )
+
+
+def _plot_knowledge(knowledge: pd.DataFrame, human: dict) -> bytes:
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    spread = {
+        "some": [human["exp1_knowledge_bets_by_access"][str(a)]["spread"] for a in (1, 2, 3)],
+        "a number": [human["exp2_knowledge_bets"]["partial_access_spread"]] * 2
+        + [human["exp2_knowledge_bets"]["complete_access_spread"]],
+    }
+    for axis, kind in zip(axes, ("some", "a number")):
+        people = [_people_knows(human, kind, a) for a in (1, 2, 3)]
+        axis.errorbar(
+            [1, 2, 3],
+            people,
+            yerr=spread[kind],
+            label="people (Goodman & Stuhlmüller 2013), ± reported spread",
+            capsize=3,
+            **analysis.PEOPLE_STYLE,
+        )
+        mine = knowledge[knowledge.said_kind == kind] if len(knowledge) else knowledge
+        for offset, ((model, source), group) in enumerate(mine.groupby(["model", "source"]) if len(mine) else []):
+            group = group.sort_values("access")
+            axis.errorbar(
+                group.access + 0.06 * (offset + 1),
+                group.bet_knows_exactly,
+                yerr=analysis.error_bars(
+                    group.bet_knows_exactly, group.bet_knows_exactly_ci_low, group.bet_knows_exactly_ci_high
+                ),
+                marker="o",
+                capsize=2,
+                label=f"{model}, {SOURCES[source]}, 95% CI over stories",
+            )
+        title = "said 'some'" if kind == "some" else "said a number (people: access 1-2 pooled)"
+        axis.set_title(title, fontsize=9)
+        axis.set_xticks([1, 2, 3])
+        axis.set_xlabel("speaker's access (objects looked at, of 3)")
+        axis.set_ylim(-2, 102)
+    return analysis.finish(
+        figure,
+        "bet that the speaker knows exactly ($ of 100)",
+        "Study 1: does the speaker know exactly? Experiment 1: 100 × share of yes; Experiment 2: 100 × p(yes)",
+    )
+
+
+def _plot_coherence(table: pd.DataFrame) -> bytes:
+    rows = analysis.exp2_rows(table, "exp2_state_means_sum")
+    figure, axes = plt.subplots(1, 1, figsize=(6, 3.2), squeeze=False)
+    axis = axes[0][0]
+    bins = np.linspace(0, max(200.0, float(rows["exp2_state_means_sum"].max()) + 10), 41)
+    for model, group in rows.groupby("model"):
+        axis.hist(group["exp2_state_means_sum"], bins=bins, alpha=0.6, label=model)
+    axis.axvline(100, color="black", linewidth=2, label="100: coherent (people's bets add up to 100)")
+    axis.set_xlabel("sum of the 4 states' expected chances (percentage points)")
+    return analysis.finish(
+        figure,
+        "trials (count)",
+        "Study 1, Experiment 2: do the separately asked chances of 0, 1, 2 and 3 add up to 100%?",
+    )
 
 
 def analyze(inp: AnalysisInput) -> Analysis:
     table = analysis.model_trial_table(inp, EXP1_COLUMNS, EXP2_COLUMNS)
     table.insert(table.columns.get_loc("quantifier") + 1, "said", _said(table))
-    # Experiment 2 reads each state's chance separately; rescaled to 100 dollars they compare with the bets.
+    # Experiment 2 reads each state's chance separately; rescaled to 100 dollars they compare with the bets. Their
+    # sum before rescaling says how coherent the four separate answers are.
     means = table[[f"exp2_state{k}_mean" for k in STATES]].astype("float64")
+    table["exp2_state_means_sum"] = means.sum(axis=1, min_count=len(STATES))
     for k in STATES:
-        table[f"exp2_bet_{k}"] = 100.0 * means[f"exp2_state{k}_mean"] / means.sum(axis=1, min_count=len(STATES))
-    bets = _bets_by_condition(table)
-    findings = _findings(bets, analysis.reference_json("gs2013_reported_stats.json"))
+        table[f"exp2_bet_{k}"] = 100.0 * means[f"exp2_state{k}_mean"] / table["exp2_state_means_sum"]
+    labels, unit = analysis.item_labels(table, inp.study)
+    boot = analysis.Bootstrap.over(labels, unit)
+    working = table.assign(**{analysis.ITEM: labels})
+    answers = _answers(working)
+    human = analysis.reference_json("gs2013_reported_stats.json")
+    bets, cells = _bets_by_condition(boot, answers, inp)
+    findings = _findings(bets, human)
+    comparison = _exp1_vs_exp2(cells, inp)
+    knowledge, fits = _knowledge(boot, answers, human, inp)
+    coherence = _coherence(boot, working)
+    masses = analysis.captured_mass(inp)
+    note = analysis.temperature_note(inp)
     tests = findings.dropna(subset=["agrees_with_people"])
     agreement = {
         f"{m} {s}": f"{int(g.agrees_with_people.sum())}/{len(g)}" for (m, s), g in tests.groupby(["model", "source"])
     }
+    figures = {}
+    if len(bets):
+        figures["bets_by_condition"] = _plot_bets(bets)
+        figures["knowledge_by_access"] = _plot_knowledge(knowledge, human)
+    if len(comparison):
+        figures["exp1_vs_exp2"] = _plot_exp1_vs_exp2(comparison, note)
+    if len(coherence):
+        figures["coherence"] = _plot_coherence(table)
+    if len(masses):
+        figures["captured_mass"] = analysis.captured_mass_figure(masses, "Study 1, Experiment 2")
     return Analysis(
         table=table,
-        comparisons={"bets_by_condition": bets, "findings": findings},
-        figures={"bets_by_condition": _plot(bets)} if len(bets) else {},
-        metadata={"implicature_tests_agreeing_with_people": agreement, "trials_not_placed": not_placed(table)},
+        comparisons={
+            "bets_by_condition": bets,
+            "findings": findings,
+            "exp1_vs_exp2": comparison,
+            "knowledge_by_access": knowledge,
+            "fit_by_model": fits,
+            "coherence": coherence,
+            "captured_mass": analysis.captured_mass_summary(masses),
+        },
+        figures=figures,
+        metadata={
+            "implicature_tests_agreeing_with_people": agreement,
+            "trials_not_placed": not_placed(table),
+            "temperatures": note,
+            "uncertainty": boot.describe(),
+        },
     )
 
 
@@ -443,4 +759,5 @@ STUDY = Study(
     },
     exp2_questions=exp2_questions,
     analyze=analyze,
+    item_column="story",
 )

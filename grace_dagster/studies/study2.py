@@ -7,14 +7,18 @@ state (0-3 hearts); the answer is one of eight utterances "It was / It wasn't" �
 from __future__ import annotations
 
 import re
+import textwrap
+import warnings
 from typing import Literal
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from grace_dagster.studies import analysis
 from grace_dagster.studies.base import (
+    ID_COLUMN,
     Analysis,
     AnalysisInput,
     Question,
@@ -101,16 +105,23 @@ def scenario_agrees_with_state(row: dict) -> tuple[str, str] | None:
     return None
 
 
-def _question(trial: Trial) -> str:
-    """The trial as the original experiment showed it: scenario, true state (unless the scenario already states it),
-    goal, question, and the answer set."""
+def _situation(trial: Trial) -> list[str]:
+    """The scenario and the true state (unless the scenario already states it)."""
     speaker = value(trial, "speaker", "the speaker")
-    listener = value(trial, "listener", "the listener")
     lines = [trial.Scenario]
     if stated_hearts(trial.Scenario) is None:
         lines.append(
             f"Here's how {speaker} actually felt about it, on a scale of 0 to 3 hearts: {trial.State} out of 3 hearts."
         )
+    return lines
+
+
+def _question(trial: Trial) -> str:
+    """The trial as the original experiment showed it: scenario, true state (unless the scenario already states it),
+    goal, question, and the answer set."""
+    speaker = value(trial, "speaker", "the speaker")
+    listener = value(trial, "listener", "the listener")
+    lines = _situation(trial)
     goal = GOAL_WORDING[trial.Goal].format(SP=speaker, LS=listener)
     lines.append(f"{goal} what would {speaker} be most likely to say?")
     lines.append(f"Reply with exactly one of: {', '.join(UTTERANCES)}.")
@@ -121,8 +132,41 @@ def exp1_prompts(trial: Trial) -> list[str]:
     return [_question(trial)]
 
 
+# The literal-meaning task (Yoon et al. 2020, Supplementary Materials): a separate group of people saw a true state
+# and answered, for one utterance, whether the speaker thought the work was / wasn't <adjective>: yes or no, with no
+# goal given. Its answers are the literal meanings the paper's model starts from. Here it is an Experiment 2 question
+# set, asked of the scenario and true state of the trials of one goal condition: the task shows no goal, and the
+# trials of one condition already cover every state (each participant sees each goal × state once), so asking the
+# other two conditions' trials as well would triple its cost for the same utterance × state cells.
+LITERAL_KEYS = {u: f"literal_{option_slug(u)}" for u in UTTERANCES}
+LITERAL_TASK_GOAL = "informative"
+YES_NO = ("yes", "no")
+
+
+def literal_questions(trial: Trial) -> list[Question]:
+    """For each utterance: given the scenario and the true state, did the speaker think it was / wasn't <word>?"""
+    if trial.Goal != LITERAL_TASK_GOAL:
+        return []
+    speaker = value(trial, "speaker", "the speaker")
+    situation = "\n".join(_situation(trial))
+    return [
+        Question(
+            key=LITERAL_KEYS[f"It {polarity} {word}"],
+            messages=user(f"{situation}\nDo you think {speaker} thought it {polarity} {word}? Reply with yes or no."),
+            options=YES_NO,
+        )
+        for polarity in POLARITIES
+        for word in ASSESSMENTS
+    ]
+
+
 def exp2_questions(trial: Trial) -> list[Question]:
-    return [Question(key="utterance", messages=user(_question(trial)), options=UTTERANCES, sums={"negation": NEGATED})]
+    """The utterance the speaker would choose (the prompt of Experiment 1); for the trials of LITERAL_TASK_GOAL
+    also the literal-meaning questions."""
+    utterance = Question(
+        key="utterance", messages=user(_question(trial)), options=UTTERANCES, sums={"negation": NEGATED}
+    )
+    return [utterance, *literal_questions(trial)]
 
 
 class Answer(BaseModel):
@@ -208,71 +252,222 @@ TURNS = (
         + ".",
     ),
 )
+# --- Analysis ------------------------------------------------------------------------------------------------------
+
 UTTERANCE_COLUMNS = {u: f"utterance_p_{option_slug(u)}" for u in UTTERANCES}
+LITERAL_COLUMNS = {u: f"{key}_p_yes" for u, key in LITERAL_KEYS.items()}
 EXP1_COLUMNS = [*Answer.model_fields, "utterance", analysis.EXTRACTION_COLUMN]
-EXP2_COLUMNS = [*UTTERANCE_COLUMNS.values(), "utterance_p_negation"]
+EXP2_COLUMNS = [*UTTERANCE_COLUMNS.values(), "utterance_p_negation", *LITERAL_COLUMNS.values()]
+CELL = ["goal", "state_hearts"]
+NEGATED_UTTERANCES = [UTTERANCES[i] for i in NEGATED]
+SOURCES = {"exp1": "Experiment 1 (sampled answers)", "exp2": "Experiment 2 (exact probabilities)"}
 
 
-def _distributions(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model × source × goal × state: the distribution over the 8 utterances and the share of negations.
-
-    exp1: how often each utterance was the extracted answer; exp2: the mean of the trials' exact distributions.
-    """
+def _answers(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per source, one row per answer with the utterance distribution it contributes: Experiment 1 one row per
+    extracted sample (1 on the utterance it chose), Experiment 2 one row per trial (its exact distribution)."""
     exp1 = analysis.usable_exp1(table)
-    exp1_counts = pd.get_dummies(exp1["exp1_utterance"].astype("string")).reindex(columns=UTTERANCES, fill_value=0)
-    exp2 = table.dropna(subset=["exp2_utterance_p_negation"])
-    sources = {
-        "exp1": pd.concat([exp1[["model", "Goal", "State"]], exp1_counts.astype("float64")], axis=1),
-        "exp2": exp2[["model", "Goal", "State"]].join(
-            exp2[[f"exp2_{c}" for c in UTTERANCE_COLUMNS.values()]].set_axis(UTTERANCES, axis=1).astype("float64")
-        ),
-    }
+    chosen = pd.get_dummies(exp1["exp1_utterance"].astype("string")).reindex(columns=UTTERANCES, fill_value=0)
+    exp2 = analysis.exp2_rows(table, "exp2_utterance_p_negation")
+    exp2_p = exp2[[f"exp2_{c}" for c in UTTERANCE_COLUMNS.values()]].set_axis(UTTERANCES, axis=1)
+    frames = {}
+    for source, rows, p in (("exp1", exp1, chosen), ("exp2", exp2, exp2_p)):
+        frame = rows[["model", ID_COLUMN, analysis.ITEM]].assign(goal=rows["Goal"], state_hearts=rows["State"])
+        frame = frame.join(p.astype("float64"))
+        frame["p_negation"] = frame[NEGATED_UTTERANCES].sum(axis=1)
+        frames[source] = frame.astype({"state_hearts": "int64"})
+    return frames
+
+
+def _human() -> tuple[pd.DataFrame, pd.DataFrame]:
+    negation = analysis.reference_csv("yoon2020_human_negation_by_goal_state.csv").set_index(CELL)
+    utterances = analysis.reference_csv("yoon2020_human_utterance_distribution_by_goal_state.csv").set_index(CELL)
+    return negation, utterances
+
+
+def _cells(boot: analysis.Bootstrap, answers: dict[str, pd.DataFrame]) -> dict[str, analysis.CellMeans]:
+    values = [*UTTERANCES, "p_negation"]
+    return {source: boot.means(frame, ["model", *CELL], values) for source, frame in answers.items() if len(frame)}
+
+
+def _by_goal_state(
+    cells: dict[str, analysis.CellMeans], answers: dict[str, pd.DataFrame], inp: AnalysisInput
+) -> pd.DataFrame:
+    """Per model × source × goal × state: the distribution over the 8 utterances and the share of negations (with
+    its interval over items) beside people's (Yoon et al. 2020, with Wilson intervals)."""
+    negation, _ = _human()
     frames = []
-    for source, frame in sources.items():
-        grouped = frame.groupby(["model", "Goal", "State"])
-        cell = grouped[list(UTTERANCES)].mean()
-        cell.insert(0, "n_trials", grouped.size())
-        cell.insert(0, "source", source)
-        frames.append(cell.reset_index())
-    cells = pd.concat(frames, ignore_index=True)
-    cells["p_negation"] = cells[[u for u in UTTERANCES if u.startswith("It wasn't")]].sum(axis=1)
-    return cells.rename(columns={"Goal": "goal", "State": "state_hearts"})
-
-
-def _compare(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Cell-by-cell comparison with people, and per model × source the correlation and RMSE."""
-    negation = analysis.reference_csv("yoon2020_human_negation_by_goal_state.csv")
-    utterances = analysis.reference_csv("yoon2020_human_utterance_distribution_by_goal_state.csv")
-    merged = cells.merge(
-        negation[["goal", "state_hearts", "prop_negation", "ci95_low_wilson", "ci95_high_wilson"]],
-        on=["goal", "state_hearts"],
-        how="left",
+    for source, means in cells.items():
+        frame = means.frame().drop(columns=[f"{u}_ci_{b}" for u in UTTERANCES for b in ("low", "high")])
+        trials = answers[source].groupby(["model", *CELL])[ID_COLUMN].nunique()
+        frame.insert(0, "n_items", means.n_items)
+        frame.insert(0, "n_answers", means.n_rows.astype(int))
+        frame.insert(0, "n_trials", trials.reindex(means.index).to_numpy())
+        frame.insert(0, "source", source)
+        frames.append(frame.reset_index())
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "source", *CELL])
+    merged = merged.merge(
+        negation[["prop_negation", "ci95_low_wilson", "ci95_high_wilson"]].reset_index(), on=CELL, how="left"
     ).rename(columns={"prop_negation": "human_p_negation"})
-    human_long = utterances.melt(["goal", "state_hearts", "n"], UTTERANCES, "utterance", "human_p")
-    model_long = cells.melt(["model", "source", "goal", "state_hearts"], UTTERANCES, "utterance", "model_p")
-    paired = model_long.merge(human_long, on=["goal", "state_hearts", "utterance"], how="left")
+    temperature = analysis.sampling_columns(inp, merged["model"])
+    merged["temperature"] = temperature["exp1_temperature"].where(merged["source"] == "exp1", analysis.EXP2_TEMPERATURE)
+    return merged
+
+
+def _human_arrays(index: pd.MultiIndex) -> tuple[np.ndarray, np.ndarray]:
+    """People's share of negations and utterance distribution on the cells of `index` (model, goal, state)."""
+    negation, utterances = _human()
+    cells = index.droplevel("model")
+    return negation["prop_negation"].reindex(cells).to_numpy(), utterances[list(UTTERANCES)].reindex(cells).to_numpy()
+
+
+def _items(frame: pd.DataFrame, model: str) -> int:
+    """How many items a model's rows come from: what its fit statistics are resampled over."""
+    return int(frame.loc[frame["model"] == model, analysis.ITEM].nunique())
+
+
+def _model_cells(means: analysis.CellMeans, model: str) -> analysis.CellMeans:
+    return means.reindex(means.index[means.index.get_level_values("model") == model])
+
+
+def _fits(
+    cells: dict[str, analysis.CellMeans], answers: dict[str, pd.DataFrame], boot: analysis.Bootstrap, inp: AnalysisInput
+) -> pd.DataFrame:
+    """Per model × source: r and RMSE over the negation cells and over the utterance probabilities, with
+    intervals over items."""
     rows = []
-    for (model, source), group in merged.groupby(["model", "source"]):
-        distribution = paired[(paired.model == model) & (paired.source == source)]
-        neg = analysis.fit(group["p_negation"], group["human_p_negation"])
-        dist = analysis.fit(distribution["model_p"], distribution["human_p"])
-        rows.append(
-            {
-                "model": model,
-                "source": source,
-                "n_trials": int(group["n_trials"].sum()),
-                "cells": neg["n"],
-                "negation_r": neg["r"],
-                "negation_rmse": neg["rmse"],
-                "distribution_values": dist["n"],
-                "distribution_r": dist["r"],
-                "distribution_rmse": dist["rmse"],
+    for source, means in cells.items():
+        for model in means.index.get_level_values("model").unique():
+            mine = _model_cells(means, model)
+            human_negation, human_utterances = _human_arrays(mine.index)
+            items = _items(answers[source], model)
+            negation = analysis.fit_with_interval(
+                mine.point[:, -1], mine.replicates[:, :, -1], human_negation, items, "negation"
+            )
+            distribution = analysis.fit_with_interval(
+                mine.point[:, :-1].ravel(),
+                mine.replicates[:, :, :-1].reshape(boot.resamples, -1),
+                human_utterances.ravel(),
+                items,
+                "distribution",
+            )
+            rows.append(
+                {
+                    "model": model,
+                    "source": source,
+                    "n_trials": int(answers[source].loc[answers[source]["model"] == model, ID_COLUMN].nunique()),
+                    "n_answers": int(mine.n_rows.sum()),
+                    "cells": negation.pop("negation_values"),
+                    **negation,
+                    **distribution,
+                }
+            )
+    fits = pd.DataFrame(rows)
+    if len(fits):
+        sampling = analysis.sampling_columns(inp, fits["model"])
+        fits["temperature"] = sampling["exp1_temperature"].where(fits["source"] == "exp1", analysis.EXP2_TEMPERATURE)
+    return fits
+
+
+def _exp1_vs_exp2(
+    cells: dict[str, analysis.CellMeans], answers: dict[str, pd.DataFrame], inp: AnalysisInput
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per model × goal × state, Experiment 1's distribution of sampled answers beside Experiment 2's exact one:
+    their total variation distance, each one's distance to people's, and each one's share of negations, with
+    intervals over items; then per model the mean over cells."""
+    if set(cells) != {"exp1", "exp2"}:
+        return pd.DataFrame(), pd.DataFrame()
+    index = cells["exp1"].index.union(cells["exp2"].index)
+    exp1, exp2 = cells["exp1"].reindex(index), cells["exp2"].reindex(index)
+    _, human = _human_arrays(index)
+    n_items = np.minimum(exp1.n_items, exp2.n_items)
+    distances = {
+        "tv_exp1_exp2": (exp1.point[:, :-1], exp2.point[:, :-1], exp1.replicates[..., :-1], exp2.replicates[..., :-1]),
+        "tv_exp1_people": (exp1.point[:, :-1], human, exp1.replicates[..., :-1], human),
+        "tv_exp2_people": (exp2.point[:, :-1], human, exp2.replicates[..., :-1], human),
+    }
+    table = pd.DataFrame(index=index)
+    table["exp1_answers"], table["exp2_trials"], table["n_items"] = (
+        exp1.n_rows.astype(int),
+        exp2.n_rows.astype(int),
+        n_items,
+    )
+    for source, means in (("exp1", exp1), ("exp2", exp2)):
+        for j, utterance in enumerate(UTTERANCES):
+            table[f"{source}_p_{option_slug(utterance)}"] = means.point[:, j]
+    for source, means in (("exp1", exp1), ("exp2", exp2)):
+        low, high = means.interval()
+        table[f"{source}_p_negation"] = means.point[:, -1]
+        table[f"{source}_p_negation_ci_low"], table[f"{source}_p_negation_ci_high"] = low[:, -1], high[:, -1]
+    replicated = {}
+    for name, (p, q, p_rep, q_rep) in distances.items():
+        replicated[name] = analysis.total_variation(p_rep, q_rep)
+        low, high = analysis.percentile_interval(replicated[name], n_items)
+        table[name], table[f"{name}_ci_low"], table[f"{name}_ci_high"] = analysis.total_variation(p, q), low, high
+    table = table.reset_index()
+    table = table.join(analysis.sampling_columns(inp, table["model"]))
+
+    summary = []
+    for model in index.get_level_values("model").unique():
+        mine = (index.get_level_values("model") == model) & (n_items > 0)
+        row = {"model": model, "cells": int(mine.sum())}
+        for name, resampled in replicated.items():
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_resample = np.nanmean(resampled[:, mine], axis=1)
+            items = min(_items(answers["exp1"], model), _items(answers["exp2"], model))
+            low, high = analysis.percentile_interval(per_resample, np.array(items))
+            row |= {
+                f"mean_{name}": float(np.mean(table.loc[mine, name])),
+                f"mean_{name}_ci_low": float(low),
+                f"mean_{name}_ci_high": float(high),
             }
+        summary.append(row)
+    summary = pd.DataFrame(summary)
+    return table, summary.join(analysis.sampling_columns(inp, summary["model"])) if len(summary) else summary
+
+
+def _literal(table: pd.DataFrame, boot: analysis.Bootstrap) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The literal-meaning task: per model × utterance × true state, the mean probability that the model answers
+    yes (with its interval over items), beside the share of people who did (Wilson intervals)."""
+    columns = [f"exp2_{c}" for c in LITERAL_COLUMNS.values()]
+    rows = table.dropna(subset=columns, how="all").drop_duplicates(["model", ID_COLUMN])
+    long = rows.melt(["model", ID_COLUMN, analysis.ITEM, "State"], columns, "column", "p_yes").dropna(subset=["p_yes"])
+    long["utterance"] = long["column"].map({f"exp2_{c}": u for u, c in LITERAL_COLUMNS.items()})
+    long = long.rename(columns={"State": "state_hearts"}).astype({"state_hearts": "int64"})
+    human = analysis.reference_csv("yoon2020_human_literal_semantics_by_utterance_state.csv")
+    human = human.rename(columns={"utt": "utterance", "prop_yes": "human_p_yes", "n": "human_n"})
+    human["human_ci_low"], human["human_ci_high"] = analysis.wilson_interval(
+        (human["human_p_yes"] * human["human_n"]).round(), human["human_n"]
+    )
+    if long.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    means = boot.means(long, ["model", "utterance", "state_hearts"], ["p_yes"])
+    cells = means.frame({"p_yes": "model_p_yes"})
+    cells.insert(0, "n_items", means.n_items)
+    cells.insert(0, "n_trials", means.n_rows.astype(int))
+    cells = cells.reset_index().merge(human, on=["utterance", "state_hearts"], how="left")
+    cells["difference"] = cells["model_p_yes"] - cells["human_p_yes"]
+    human_by_cell = human.set_index(["utterance", "state_hearts"])["human_p_yes"]
+    fits = []
+    for model in means.index.get_level_values("model").unique():
+        mine = _model_cells(means, model)
+        people = human_by_cell.reindex(mine.index.droplevel("model")).to_numpy()
+        fit = analysis.fit_with_interval(
+            mine.point[:, 0], mine.replicates[:, :, 0], people, _items(long, model), "p_yes"
         )
-    return merged, pd.DataFrame(rows)
+        fits.append({"model": model, "cells": fit.pop("p_yes_values"), **fit})
+    return cells, pd.DataFrame(fits)
 
 
-def _plot(merged: pd.DataFrame) -> bytes:
+# --- Plots ---------------------------------------------------------------------------------------------------------
+
+
+def _label(model: str, source: str) -> str:
+    return f"{model}, {SOURCES[source]}"
+
+
+def _plot_negation(merged: pd.DataFrame) -> bytes:
     human = analysis.reference_csv("yoon2020_human_negation_by_goal_state.csv")
     figure, axes = plt.subplots(1, len(GOALS), figsize=(10, 3.2), sharey=True)
     for axis, goal in zip(axes, GOALS):
@@ -280,35 +475,206 @@ def _plot(merged: pd.DataFrame) -> bytes:
         axis.errorbar(
             people.state_hearts,
             people.prop_negation,
-            yerr=[people.prop_negation - people.ci95_low_wilson, people.ci95_high_wilson - people.prop_negation],
-            color="black",
-            marker="s",
-            label="people (Yoon et al. 2020)",
+            yerr=analysis.error_bars(people.prop_negation, people.ci95_low_wilson, people.ci95_high_wilson),
+            label="people (Yoon et al. 2020), Wilson 95% CI",
+            capsize=3,
+            **analysis.PEOPLE_STYLE,
         )
-        for (model, source), group in merged[merged.goal == goal].groupby(["model", "source"]):
+        for offset, ((model, source), group) in enumerate(merged[merged.goal == goal].groupby(["model", "source"])):
             group = group.sort_values("state_hearts")
-            axis.plot(group.state_hearts, group.p_negation, marker="o", label=f"{model} {source}")
+            axis.errorbar(
+                group.state_hearts + 0.06 * (offset + 1),
+                group.p_negation,
+                yerr=analysis.error_bars(group.p_negation, group.p_negation_ci_low, group.p_negation_ci_high),
+                marker="o",
+                capsize=2,
+                label=f"{_label(model, source)}, 95% CI over items",
+            )
         axis.set_title(f"goal: {goal}", fontsize=9)
         axis.set_xticks([0, 1, 2, 3])
-        axis.set_xlabel("true state (hearts)")
+        axis.set_xlabel("true state (hearts, 0-3)")
+        axis.set_ylim(-0.02, 1.02)
     return analysis.finish(
-        figure, "proportion of negated utterances", "Study 2: negation by goal and true state, models against people"
+        figure,
+        "proportion of negated utterances",
+        "Study 2: negation by goal and true state, models against people",
     )
+
+
+def _heatmap(axis, matrix: np.ndarray, title: str) -> object:
+    image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (row, column), share in np.ndenumerate(matrix):
+        if not np.isnan(share) and share >= 0.1:
+            axis.text(
+                column,
+                row,
+                f"{share:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if share < 0.6 else "black",
+            )
+    axis.set_title(title, fontsize=8)
+    axis.set_xticks(range(len(UTTERANCES)), [u.removeprefix("It ") for u in UTTERANCES], rotation=50, fontsize=7)
+    axis.set_xlabel("utterance ('It ...')", fontsize=8)
+    return image
+
+
+def _plot_heatmaps(merged: pd.DataFrame, inp: AnalysisInput) -> bytes:
+    """Per model a row: people's utterance distribution per goal × state, then the model's in each experiment."""
+    _, human = _human()
+    rows = [(g, s) for g in GOALS for s in (0, 1, 2, 3)]
+    models = sorted(merged["model"].unique())
+    figure, axes = plt.subplots(len(models), 3, figsize=(13, 4.8 * len(models)), squeeze=False)
+    figure.subplots_adjust(hspace=0.75, wspace=0.06)
+    image = None
+    for axis_row, model in zip(axes, models):
+        people = human[list(UTTERANCES)].reindex(rows).to_numpy()
+        image = _heatmap(axis_row[0], people, "people\nYoon et al. 2020\n203 answers per row")
+        for axis, source in zip(axis_row[1:], SOURCES):
+            mine = merged[(merged.model == model) & (merged.source == source)].set_index(CELL)
+            matrix = mine[list(UTTERANCES)].reindex(rows).to_numpy(dtype=float)
+            if source == "exp1":
+                sampling = inp.exp1_sampling.get(model)
+                how = (
+                    f"temperature {sampling.temperature:g}, {sampling.samples_per_trial} per trial" if sampling else ""
+                )
+            else:
+                how = f"temperature {analysis.EXP2_TEMPERATURE:g}"
+            detail = how if len(mine) else "refused by its checks or not run"
+            _heatmap(axis, matrix, f"{model}\n{SOURCES[source]}\n{detail}")
+        axis_row[0].set_yticks(range(len(rows)), [f"{g}, {s} hearts" for g, s in rows], fontsize=7)
+        for axis in axis_row[1:]:
+            axis.set_yticks([])
+        axis_row[0].set_ylabel("goal, true state")
+    figure.colorbar(image, ax=axes, shrink=0.6, label="proportion of answers (0-1)")
+    figure.suptitle(
+        "Study 2: distribution over the 8 utterances by goal and true state, each model beside people",
+        fontsize=10,
+        y=0.97 + 0.08 / len(models),  # above the panels' three-line titles
+    )
+    return analysis.png(figure)
+
+
+def _plot_exp1_vs_exp2(comparison: pd.DataFrame, note: str) -> bytes:
+    figure, axes = plt.subplots(1, len(GOALS), figsize=(11, 3.4), sharey=True)
+    styles = {
+        "tv_exp1_exp2": ("o", "-", "Experiment 1 vs Experiment 2"),
+        "tv_exp1_people": ("^", "--", "Experiment 1 vs people"),
+        "tv_exp2_people": ("v", ":", "Experiment 2 vs people"),
+    }
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(comparison["model"].unique()))}
+    for axis, goal in zip(axes, GOALS):
+        for model, group in comparison[comparison.goal == goal].groupby("model"):
+            group = group.sort_values("state_hearts")
+            for offset, (name, (marker, line, what)) in enumerate(styles.items()):
+                axis.errorbar(
+                    group.state_hearts + 0.05 * offset,
+                    group[name],
+                    yerr=analysis.error_bars(group[name], group[f"{name}_ci_low"], group[f"{name}_ci_high"]),
+                    marker=marker,
+                    linestyle=line,
+                    color=colours[model],
+                    capsize=2,
+                    label=f"{model}: {what}",
+                )
+        axis.set_title(f"goal: {goal}", fontsize=9)
+        axis.set_xticks([0, 1, 2, 3])
+        axis.set_xlabel("true state (hearts, 0-3)")
+        axis.set_ylim(-0.02, 1.02)
+    return analysis.finish(
+        figure,
+        "total variation distance (0-1)",
+        "Study 2: Experiment 1 against Experiment 2 per goal × state (distance between utterance distributions; "
+        f"people's as reference)\n{textwrap.fill(note, 130)}",
+    )
+
+
+def _plot_literal(cells: pd.DataFrame) -> bytes:
+    human = analysis.reference_csv("yoon2020_human_literal_semantics_by_utterance_state.csv")
+    human_low, human_high = analysis.wilson_interval((human.prop_yes * human.n).round(), human.n)
+    human = human.assign(low=human_low, high=human_high)
+    figure, axes = plt.subplots(2, 4, figsize=(12, 5.5), sharex=True, sharey=True)
+    for axis, utterance in zip(axes.ravel(), UTTERANCES):
+        people = human[human.utt == utterance].sort_values("state_hearts")
+        axis.errorbar(
+            people.state_hearts,
+            people.prop_yes,
+            yerr=analysis.error_bars(people.prop_yes, people.low, people.high),
+            label="people (Yoon et al. 2020, 49 per cell), Wilson 95% CI",
+            capsize=3,
+            **analysis.PEOPLE_STYLE,
+        )
+        for offset, (model, group) in enumerate(cells[cells.utterance == utterance].groupby("model")):
+            group = group.sort_values("state_hearts")
+            axis.errorbar(
+                group.state_hearts + 0.08 * (offset + 1),
+                group.model_p_yes,
+                yerr=analysis.error_bars(group.model_p_yes, group.model_p_yes_ci_low, group.model_p_yes_ci_high),
+                marker="o",
+                capsize=2,
+                label=f"{model}, Experiment 2 p(yes), 95% CI over items",
+            )
+        axis.set_title(f'"{utterance}"', fontsize=9)
+        axis.set_xticks([0, 1, 2, 3])
+        axis.set_ylim(-0.02, 1.02)
+    for axis in axes[1]:
+        axis.set_xlabel("true state (hearts, 0-3)")
+    axes[1][0].set_ylabel("probability of 'yes'")
+    return analysis.finish(
+        figure,
+        "probability of 'yes'",
+        "Study 2, literal meaning: does the utterance fit the true state? Models' p(yes) against people's share of yes",
+    )
+
+
+def _question_set(key: str) -> str:
+    return "literal meaning (yes/no)" if key in LITERAL_KEYS.values() else key
 
 
 def analyze(inp: AnalysisInput) -> Analysis:
     table = analysis.model_trial_table(inp, EXP1_COLUMNS, EXP2_COLUMNS)
-    cells = _distributions(table)
-    merged, fits = _compare(cells)
+    labels, unit = analysis.item_labels(table, inp.study)
+    boot = analysis.Bootstrap.over(labels, unit)
+    working = table.assign(**{analysis.ITEM: labels})
+    answers = _answers(working)
+    cells = _cells(boot, answers)
+    merged = _by_goal_state(cells, answers, inp)
+    fits = _fits(cells, answers, boot, inp)
+    comparison, comparison_summary = _exp1_vs_exp2(cells, answers, inp)
+    literal, literal_fits = _literal(working, boot)
+    masses = analysis.captured_mass(inp, _question_set)
+    note = analysis.temperature_note(inp)
+    figures = {}
+    if len(merged):
+        figures["negation_by_goal_state"] = _plot_negation(merged)
+        figures["utterance_heatmaps"] = _plot_heatmaps(merged, inp)
+    if len(comparison):
+        figures["exp1_vs_exp2"] = _plot_exp1_vs_exp2(comparison, note)
+    if len(literal):
+        figures["literal_meaning"] = _plot_literal(literal)
+    if len(masses):
+        figures["captured_mass"] = analysis.captured_mass_figure(masses, "Study 2, Experiment 2")
+    headline = {
+        f"{r.model} {r.source}": f"negation r={r.negation_r:.2f} [{r.negation_r_ci_low:.2f}, "
+        f"{r.negation_r_ci_high:.2f}] rmse={r.negation_rmse:.3f} [{r.negation_rmse_ci_low:.3f}, "
+        f"{r.negation_rmse_ci_high:.3f}]; utterances r={r.distribution_r:.2f} rmse={r.distribution_rmse:.3f} "
+        f"({r.n_answers} answers)"
+        for r in fits.itertuples(index=False)
+    }
     return Analysis(
         table=table,
-        comparisons={"by_goal_state": merged, "fit_by_model": fits},
-        figures={"negation_by_goal_state": _plot(merged)} if len(merged) else {},
-        metadata={
-            f"{r.model} {r.source}": f"negation r={r.negation_r:.2f} rmse={r.negation_rmse:.3f}; "
-            f"utterances r={r.distribution_r:.2f} rmse={r.distribution_rmse:.3f} ({r.n_trials} trials)"
-            for r in fits.itertuples(index=False)
+        comparisons={
+            "by_goal_state": merged,
+            "fit_by_model": fits,
+            "exp1_vs_exp2": comparison,
+            "exp1_vs_exp2_by_model": comparison_summary,
+            "literal_meaning": literal,
+            "literal_fit_by_model": literal_fits,
+            "captured_mass": analysis.captured_mass_summary(masses),
         },
+        figures=figures,
+        metadata={**headline, "temperatures": note, "uncertainty": boot.describe()},
     )
 
 
@@ -336,4 +702,5 @@ STUDY = Study(
     exp2_questions=exp2_questions,
     analyze=analyze,
     row_checks=(scenario_agrees_with_state,),
+    item_column="item",
 )
