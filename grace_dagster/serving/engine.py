@@ -32,6 +32,24 @@ from llama_cpp._internals import LlamaBatch, LlamaSampler
 N_UBATCH = 32
 
 
+def _without_weight_repacking(**kwargs) -> llama_cpp.Llama:
+    """llama.cpp repacks quantized weights into CPU-specific layouts by default; on this project's AVX-512 machines
+    the repacked kernels crash the process (general protection fault in libggml-cpu) on the first batched request.
+    The plain layout is the one the exactness tests were measured with."""
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(**kwargs)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
+
+
 class EngineError(ValueError):
     """A request the model cannot serve as asked (too long, bad token ids, bad schema): the client's to fix."""
 
@@ -118,7 +136,7 @@ class Engine:
         n_batch: int = 512,
         n_ubatch: int = N_UBATCH,
     ):
-        self.llm = llama_cpp.Llama(
+        self.llm = _without_weight_repacking(
             model_path=str(model_path),
             n_ctx=n_ctx,
             n_batch=n_batch,
