@@ -257,7 +257,11 @@ def test_chat_with_json_schema_enforces_anyof_null_and_integer_bounds(server):
         # The judge's own temperature (0), and sampled replies that wander further from the schema's happy path.
         return [
             await client.chat(
-                messages, max_tokens=100, temperature=t, seed=seed, response_format=response_format(JudgeReading)
+                messages,
+                max_tokens=100,
+                temperature=t,
+                seed=seed,
+                response_format=response_format(schema, JudgeReading.__name__),
             )
             for t, seed in [(0.0, 0), (1.0, 1), (1.0, 2), (1.0, 3)]
         ]
