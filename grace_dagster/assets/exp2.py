@@ -228,8 +228,7 @@ def probabilities_sum_to_one(table: pd.DataFrame, _: CheckContext) -> CheckOutco
 
 def probabilities_within_unit_interval(table: pd.DataFrame, _: CheckContext) -> CheckOutcome:
     """Probabilities and captured mass in [0, 1]. The options are mutually exclusive continuations, so a captured
-    mass above 1 can only come from misaligned option spans."""
-    table = options_of(table)
+    mass above 1 can only come from misaligned option spans. Every surface variant's rows, not only the answer set's."""
     p, mass = table["probability"], table["captured_mass"]
     outside = p.isna() | (p < 0) | (p > 1)
     mass_outside = mass.isna() | (mass < 0) | (mass > 1 + SUM_TOLERANCE)
