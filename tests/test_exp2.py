@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from dagster import AssetKey, AssetSelection, DagsterInstance, asset, materialize
-from llama_cpp import Llama
 from llama_cpp._internals import LlamaBatch
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -28,7 +27,7 @@ from grace_dagster.llm.prompting import plain_text
 from grace_dagster.llm.scoring import AnswerScores, OptionScores
 from grace_dagster.registry import load_registry
 from grace_dagster.resources import ExperimentSettings
-from grace_dagster.serving.engine import N_UBATCH
+from grace_dagster.serving.engine import N_UBATCH, load_without_weight_repacking
 from grace_dagster.serving.weights import gguf_path
 from grace_dagster.studies import STUDIES
 from grace_dagster.studies.base import Question
@@ -45,7 +44,7 @@ class BruteForce:
     def __init__(self, slug: str):
         model = load_registry().get(slug)
         self.kind = model.kind
-        self.llm = Llama(
+        self.llm = load_without_weight_repacking(
             model_path=str(gguf_path(model)),
             n_ctx=model.serving.context_length,
             n_batch=512,

@@ -14,7 +14,7 @@ import yaml
 from llama_cpp import Llama
 
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
-from grace_dagster.serving.engine import N_UBATCH
+from grace_dagster.serving.engine import N_UBATCH, load_without_weight_repacking
 from grace_dagster.serving.process import EmbeddedServer
 from grace_dagster.serving.weights import gguf_path
 from tests.chat_templates import GEMMA_TURNS
@@ -49,7 +49,7 @@ def model_and_reference(request, servers):
     """The server and an in-process llama.cpp with every logits row kept (`logits_all`), configured alike."""
     slug = request.param
     model = load_registry().get(slug)
-    reference = Llama(
+    reference = load_without_weight_repacking(
         model_path=str(gguf_path(model)),
         n_ctx=model.serving.context_length,
         n_batch=512,

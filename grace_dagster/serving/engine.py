@@ -32,7 +32,7 @@ from llama_cpp._internals import LlamaBatch, LlamaSampler
 N_UBATCH = 32
 
 
-def _without_weight_repacking(**kwargs) -> llama_cpp.Llama:
+def load_without_weight_repacking(**kwargs) -> llama_cpp.Llama:
     """llama.cpp repacks quantized weights into CPU-specific layouts by default; on this project's AVX-512 machines
     the repacked kernels crash the process (general protection fault in libggml-cpu) on the first batched request.
     The plain layout is the one the exactness tests were measured with."""
@@ -136,7 +136,7 @@ class Engine:
         n_batch: int = 512,
         n_ubatch: int = N_UBATCH,
     ):
-        self.llm = _without_weight_repacking(
+        self.llm = load_without_weight_repacking(
             model_path=str(model_path),
             n_ctx=n_ctx,
             n_batch=n_batch,
