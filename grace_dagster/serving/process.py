@@ -18,6 +18,15 @@ class ServerStartError(RuntimeError):
     pass
 
 
+# What a model server needs from the caller's environment; everything else (API keys above all) stays behind.
+_SERVER_VARIABLES = {"PATH", "HOME", "USER", "LANG", "TMPDIR", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "PYTHONPATH"}
+_SERVER_VARIABLES |= {"GRACE_REGISTRY", "GRACE_CACHE_DIR", "GRACE_DATA_DIR", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"}
+
+
+def server_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in _SERVER_VARIABLES or k.startswith(("LC_", "GGML_", "LLAMA_"))}
+
+
 class EmbeddedServer:
     """One `grace serve` child process on 127.0.0.1."""
 
@@ -71,7 +80,7 @@ class EmbeddedServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(self.env or {})},
+                env={**server_environment(), **(self.env or {})},
             )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
