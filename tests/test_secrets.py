@@ -74,7 +74,7 @@ def test_an_api_key_appears_nowhere_the_platform_writes(tmp_path, servers, monke
         raise_on_error=False,
     )
     meta = pipeline.metadata(result, exp1_structured.key)
-    assert meta["judge_model"] == "hosted-judge" and meta["judge_requests_made"] == 2, "the key was used"
+    assert meta["judge_model"] == "hosted-judge" and meta["judge_requests_made"] >= 2, "the key was used"
 
     env = {**os.environ, "GRACE_REGISTRY": str(registry)}
     archive = tmp_path / "outputs.tar.gz"
