@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -56,7 +57,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from grace_dagster.serving.server import serve
 
-    serve(args.model, host=args.host, port=args.port, ready_file=args.ready_file, parent_pid=args.parent_pid)
+    # A crash inside llama.cpp kills the process with no Python traceback; this writes each thread's stack to the
+    # server's log, so the log says where it died.
+    faulthandler.enable()
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        ready_file=args.ready_file,
+        parent_pid=args.parent_pid,
+        structured_output=args.structured_output,
+    )
     return 0
 
 
@@ -131,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8011, help="0 lets the OS choose a free port")
     serve.add_argument("--ready-file", type=Path, help="write {host, port, pid} here once serving")
     serve.add_argument("--parent-pid", type=int, help="exit when this process is gone (used by the resource)")
+    serve.add_argument(
+        "--structured-output",
+        choices=["json_schema", "json_object"],
+        default="json_schema",
+        help="the response_format chat accepts: json_schema (and json_object) as vLLM does, or json_object only, "
+        "refusing json_schema as a hosted API such as DeepSeek's does",
+    )
     serve.set_defaults(func=cmd_serve)
 
     vllm_weights = sub.add_parser(

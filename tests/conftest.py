@@ -16,6 +16,7 @@ LOCAL_MODELS = ["smollm2-135m", "gemma3-270m"]
 SERVED_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "gemma-3-270m"}
 # The production server in the tests: SmolLM2 through vLLM (bf16 safetensors converted from the embedded model's GGUF).
 VLLM_MODEL = "smollm2-135m-vllm"
+SHARED_SERVER_DEATHS: list[str] = []
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +26,16 @@ def servers(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("server-logs")
 
     def get(slug: str) -> EmbeddedServer:
-        if slug not in started:
+        server = started.get(slug)
+        if server is not None and server.process.poll() is not None:
+            # A crash of the shared server must fail the session with its cause, not every later test with
+            # "ConnectError": recorded here, reported at the end, and a fresh server serves the remaining tests.
+            SHARED_SERVER_DEATHS.append(
+                f"{slug} exited with code {server.process.returncode}; the end of its log ({server.log_path}):\n"
+                + server.log_tail(40)
+            )
+            server = None
+        if server is None:
             started[slug] = EmbeddedServer(slug, log_dir=log_dir).start()
         return started[slug]
 
@@ -86,4 +96,7 @@ def pytest_sessionfinish(session, exitstatus):
             pass
     if leftovers:
         print(f"\nFAIL: {len(leftovers)} model server process(es) (embedded or vLLM) outlived the tests: {leftovers}")
+        session.exitstatus = 1
+    for death in SHARED_SERVER_DEATHS:
+        print(f"\nFAIL: a session-wide embedded server died during the tests: {death}")
         session.exitstatus = 1

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+import time
 
 import httpx
 import pytest
@@ -75,6 +76,91 @@ def test_client_survives_server_kill_and_restart_mid_batch(tmp_path):
     # the kill, which the dead server never answered), so nothing was lost.
     assert served_after >= 50 - killed_after
     print(f"\nkilled after {killed_after} of 50 results; {stats.retries} retries; 50/50 results, no duplicates")
+
+
+SERVED = "SmolLM2-135M-Instruct"
+COUNTING = "Counting: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # a raw completion that runs to max_tokens
+
+
+def _metric(metrics: str, name: str, **labels: str) -> float:
+    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    series = f"{name}{{{label_text}}}" if labels else name
+    found = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _timed_generation(url: str, max_tokens: int) -> float:
+    """Seconds the server takes for one COUNTING generation of exactly `max_tokens` tokens."""
+    body = {"model": SERVED, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0}
+    start = time.monotonic()
+    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+    assert reply["usage"]["completion_tokens"] == max_tokens, "the counting prompt ran to max_tokens"
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_request_whose_client_gave_up_while_it_waited_is_never_served(servers):
+    """A request queued behind a long one whose client times out leaves the server's queue unserved: the engine
+    generates only the long request's tokens, and the server counts one abandoned request."""
+    url = servers("smollm2-135m").base_url
+    long_tokens = 64
+    while _timed_generation(url, long_tokens) < 2.0:
+        long_tokens *= 2
+    before = httpx.get(f"{url}/metrics").text
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url) as http:
+            body = {"model": SERVED, "prompt": COUNTING, "max_tokens": long_tokens, "temperature": 0}
+            long = asyncio.ensure_future(http.post("/v1/completions", json=body, timeout=120))
+            await asyncio.sleep(0.5)  # the long request holds the engine
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post("/v1/completions", json={**body, "max_tokens": 8}, timeout=0.5)
+            return (await long).json()
+
+    long_reply = asyncio.run(main())
+    after = httpx.get(f"{url}/metrics").text
+    generated = _metric(after, "grace_server_generation_tokens_total") - _metric(
+        before, "grace_server_generation_tokens_total"
+    )
+    abandoned = _metric(after, "grace_server_abandoned_total", route="/v1/completions") - _metric(
+        before, "grace_server_abandoned_total", route="/v1/completions"
+    )
+    assert long_reply["usage"]["completion_tokens"] == long_tokens
+    assert generated == long_tokens, "the engine generated nothing for the request whose client had gone"
+    assert abandoned == 1
+
+
+@pytest.mark.slow
+def test_client_timeouts_count_no_queue_time_behind_the_embedded_server(servers):
+    """The registry's client for an embedded model keeps one request in flight, so each request's timeout covers its
+    own service alone: four requests, each taking 40% of the timeout, finish with no retry and the server
+    serves each once (with four in flight, the later ones timed out in the server's queue and were sent again)."""
+    from grace_dagster.registry import load_registry
+    from grace_dagster.resources.endpoints import Endpoint, LLMEndpoints
+
+    url = servers("smollm2-135m").base_url
+    tokens = 16
+    while (seconds := _timed_generation(url, tokens)) < 1.0:
+        tokens *= 2
+    before = httpx.get(f"{url}/metrics").text
+    endpoint = Endpoint(load_registry().get("smollm2-135m"), url)
+
+    async def main():
+        client = LLMEndpoints().client_for(endpoint, timeout=2.5 * seconds, retry=FAST_RETRY)
+        async with client:
+            replies = await asyncio.gather(
+                *(client.complete(COUNTING, max_tokens=tokens, temperature=0) for _ in range(4))
+            )
+        return replies, client.stats
+
+    replies, stats = asyncio.run(main())
+    after = httpx.get(f"{url}/metrics").text
+    served = _metric(after, "grace_server_requests_total", code="200", route="/v1/completions") - _metric(
+        before, "grace_server_requests_total", code="200", route="/v1/completions"
+    )
+    assert [r.usage.completion_tokens for r in replies] == [tokens] * 4
+    assert stats.retries == 0, "no request timed out"
+    assert served == 4, "each request was served once"
 
 
 # Response bodies in vLLM's documented format, replayed through httpx's mock transport to pin the parsing of fields real

@@ -3,7 +3,8 @@ logs, outputs, checkpoints, the archive, the rendered manifests, nor the environ
 starts.
 
 The run uses an external judge (registry backend `external`, the key from an environment variable) whose URL is a
-real embedded server, so the key really is sent with every judge request, as to a hosted API.
+real embedded server, so the key really is sent with every judge request, as to a hosted API; like DeepSeek's API, that
+server accepts `response_format` `json_object` only and refuses `json_schema`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 import yaml
@@ -23,6 +25,7 @@ from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, exp1_responses, exp1_st
 from grace_dagster.registry.loader import DEFAULT_REGISTRY_PATH
 from grace_dagster.resources import ExperimentSettings, LLMEndpoints
 from grace_dagster.serving.process import EmbeddedServer
+from grace_dagster.serving.vllm import vllm_environment
 from tests import pipeline
 from tests.dagster_dev import REPO
 
@@ -51,10 +54,24 @@ def _files_holding(root: Path, needle: bytes) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_an_api_key_appears_nowhere_the_platform_writes(tmp_path, servers, monkeypatch):
+def test_an_api_key_appears_nowhere_the_platform_writes(tmp_path, monkeypatch, request):
     monkeypatch.setenv("GRACE_TEST_JUDGE_KEY", SECRET)
+    # The hosted judge refuses json_schema as DeepSeek's API does: the judge's request shape for the external backend
+    # (json_object, the schema in the instructions) is what it answers.
+    hosted = EmbeddedServer(MODEL, log_dir=tmp_path / "hosted-logs", args=["--structured-output", "json_object"])
+    hosted.start()
+    request.addfinalizer(hosted.stop)
+    refused = httpx.post(
+        f"{hosted.base_url}/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        },
+    )
+    assert refused.status_code == 400 and "json_schema is not supported" in refused.json()["error"]["message"]
     registry = tmp_path / "models.yaml"
-    _external_judge_registry(registry, servers(MODEL).base_url)
+    _external_judge_registry(registry, hosted.base_url)
     home = tmp_path / "home"
     home.mkdir()
     instance = DagsterInstance.local_temp(tempdir=str(home))  # event logs and compute logs under home
@@ -74,7 +91,11 @@ def test_an_api_key_appears_nowhere_the_platform_writes(tmp_path, servers, monke
         raise_on_error=False,
     )
     meta = pipeline.metadata(result, exp1_structured.key)
-    assert meta["judge_model"] == "hosted-judge" and meta["judge_requests_made"] >= 2, "the key was used"
+    structured = pd.read_parquet(tmp_path / "data" / "exp1" / "structured" / MODEL / "study2.parquet")
+    # The judge read both trials (asked again, with the problem, when its output was malformed): every request it was
+    # sent carried the key.
+    assert meta["judge_model"] == "hosted-judge" and (structured.judge_attempts >= 1).sum() == 2
+    assert meta["judge_requests_made"] == structured.judge_attempts.sum()
 
     env = {**os.environ, "GRACE_REGISTRY": str(registry)}
     archive = tmp_path / "outputs.tar.gz"
@@ -106,3 +127,16 @@ def test_an_api_key_appears_nowhere_the_platform_writes(tmp_path, servers, monke
     with EmbeddedServer(MODEL, log_dir=tmp_path / "server-logs") as server:
         environ = Path(f"/proc/{server.process.pid}/environ").read_bytes()
         assert SECRET.encode() not in environ and b"GRACE_TEST_JUDGE_KEY" not in environ
+
+
+def test_a_local_vllm_server_gets_no_key_and_no_project_python_path(monkeypatch):
+    """The environment a local vLLM server is started with (`vllm_environment` is what its Popen receives): keys and
+    tokens stay behind, vLLM's own settings pass, and the project's PYTHONPATH does not reach vLLM's environment."""
+    for name in ("DEEPSEEK_API_KEY", "HF_TOKEN", "VLLM_API_KEY", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, SECRET)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    monkeypatch.setenv("PYTHONPATH", "/project/src")
+    env = vllm_environment(GRACE_VLLM_OWNER="1")
+    assert SECRET not in env.values()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1" and env["GRACE_VLLM_OWNER"] == "1"
+    assert "PYTHONPATH" not in env and env["PATH"] == os.environ["PATH"]

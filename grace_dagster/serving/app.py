@@ -4,6 +4,7 @@ Routes are thin: validate (pydantic, 400 on any problem), run the engine in a wo
 llama.cpp contexts are not thread-safe), and shape the answer with the wire models of `grace_dagster.llm.protocol`.
 """
 
+import asyncio
 from dataclasses import replace
 
 import jsonschema
@@ -42,6 +43,7 @@ from grace_dagster.serving.engine import Engine, EngineError, PositionLogprobs, 
 from grace_dagster.serving.metrics import Metrics
 
 DEFAULT_COMPLETION_TOKENS = 16
+DISCONNECT_POLL_SECONDS = 0.25
 
 
 class ApiError(Exception):
@@ -64,20 +66,59 @@ def _clamp(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
 
-def create_app(engine: Engine, served_name: str, version: str = "grace-embedded") -> FastAPI:
+class CountResponses:
+    """Counts responses by route and status code. Plain ASGI: Starlette's `@app.middleware("http")` would hide a
+    client's disconnect from the routes, and the queue in `in_engine` must see it."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route, code = scope["path"], str(message["status"])
+                self.metrics.inc("grace_server_requests_total", route=route, code=code)
+                if message["status"] >= 400:
+                    self.metrics.inc("grace_server_errors_total", route=route, code=code)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(
+    engine: Engine, served_name: str, version: str = "grace-embedded", structured_output: str = "json_schema"
+) -> FastAPI:
+    """`structured_output="json_object"` makes the server refuse `response_format` `json_schema` as a hosted API that
+    enforces only JSON objects does (DeepSeek's), so that the judge's request shape for such APIs is tested for real."""
     app = FastAPI(title=f"Grace embedded server: {served_name}", version=version)
     metrics = Metrics()
 
-    async def in_engine(fn, *args):
-        # One engine call at a time; FastAPI keeps answering /health while a long request runs in its thread.
-        def locked():
-            with engine.lock:
-                return fn(*args)
+    # Requests wait for the engine here, in the event loop, where a client that gave up waiting (its timeout, a
+    # killed run) is noticed: its request leaves the queue unserved instead of costing the engine its work while the
+    # client sends it again.
+    turn = asyncio.Lock()
 
+    async def in_engine(request: Request, fn, *args):
+        waiting = asyncio.ensure_future(turn.acquire())
         try:
-            return await run_in_threadpool(locked)
+            while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+                if await request.is_disconnected():
+                    metrics.inc("grace_server_abandoned_total", route=request.url.path)
+                    raise ApiError(499, "the client closed the connection while the request waited", "ClientClosed")
+        except BaseException:
+            if not waiting.cancel():  # acquired just as the wait ended: give the turn back
+                turn.release()
+            raise
+        try:
+            # One engine call at a time; FastAPI keeps answering /health while a long request runs in its thread.
+            return await run_in_threadpool(fn, *args)
         except EngineError as e:
             raise ApiError(400, str(e)) from None
+        finally:
+            turn.release()
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_name:
@@ -85,14 +126,7 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
                 404, f"The model `{name}` does not exist; this server serves `{served_name}`.", "NotFoundError", "model"
             )
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.url.path
-        metrics.inc("grace_server_requests_total", route=route, code=str(response.status_code))
-        if response.status_code >= 400:
-            metrics.inc("grace_server_errors_total", route=route, code=str(response.status_code))
-        return response
+    app.add_middleware(CountResponses, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):
@@ -133,7 +167,7 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
         )
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(request: Request, req: TokenizeRequest) -> TokenizeResponse:
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of `prompt` or `messages`")
@@ -145,16 +179,16 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
                 return engine.tokenize(text, add_special=False)
             return engine.tokenize(req.prompt, add_special=req.add_special_tokens)
 
-        tokens = await in_engine(work)
+        tokens = await in_engine(request, work)
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.n_ctx)
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(request: Request, req: DetokenizeRequest) -> DetokenizeResponse:
         check_model(req.model)
-        return DetokenizeResponse(prompt=await in_engine(engine.detokenize, req.tokens))
+        return DetokenizeResponse(prompt=await in_engine(request, engine.detokenize, req.tokens))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> CompletionResponse:
+    async def completions(request: Request, req: CompletionRequest) -> CompletionResponse:
         check_model(req.model)
         if req.max_tokens == 0 and not req.echo:
             # vLLM refuses it too: scoring a prompt without generating is `echo` with `max_tokens` 0.
@@ -193,7 +227,7 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
             by_prompt = [(text, sample[p]) for p, text in enumerate(texts) for sample in samples]
             return [_completion_choice(engine, i, text, r, req) for i, (text, r) in enumerate(by_prompt)]
 
-        choices = await in_engine(work)
+        choices = await in_engine(request, work)
         prompt_tokens = sum(len(c[1].prompt_ids) for c in choices[:: req.n])  # each prompt once, as vLLM counts
         completion_tokens = sum(len(c[1].output_ids) for c in choices)
         metrics.inc("grace_server_prompt_tokens_total", prompt_tokens)
@@ -209,10 +243,13 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
         )
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> ChatResponse:
+    async def chat(request: Request, req: ChatRequest) -> ChatResponse:
         check_model(req.model)
         if req.max_tokens == 0:
             raise ApiError(400, "max_tokens must be at least 1, got 0", param="max_tokens")  # as vLLM answers
+        if structured_output == "json_object" and req.response_format and req.response_format.type == "json_schema":
+            message = "response_format type json_schema is not supported by this server; use json_object"
+            raise ApiError(400, message, param="response_format")
         grammar = _grammar(req.response_format)
 
         def work():
@@ -230,7 +267,7 @@ def create_app(engine: Engine, served_name: str, version: str = "grace-embedded"
             )
             return [engine.run([ids], False, None, replace(sampling, seed=seed))[0] for seed in _seeds(req.seed, req.n)]
 
-        results = await in_engine(work)
+        results = await in_engine(request, work)
         n_prompt, n_out = len(results[0].prompt_ids), sum(len(r.output_ids) for r in results)
         metrics.inc("grace_server_prompt_tokens_total", n_prompt)
         metrics.inc("grace_server_generation_tokens_total", n_out)

@@ -18,7 +18,6 @@ import ctypes
 import json
 import math
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +124,7 @@ def _common_prefix_length(prompts: list[list[int]]) -> int:
 
 
 class Engine:
-    """One GGUF model loaded in llama.cpp. Not thread-safe by itself: `lock` serialises requests."""
+    """One GGUF model loaded in llama.cpp. Not thread-safe: the server (`app.in_engine`) runs one call at a time."""
 
     def __init__(
         self,
@@ -154,7 +153,6 @@ class Engine:
         self.n_ubatch = n_ubatch
         self.n_vocab = self.model.n_vocab()
         self.batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1)
-        self.lock = threading.Lock()
         self.tokens_evaluated = 0
         self._pieces: dict[int, bytes] = {}
         template = chat_template or self.llm.metadata.get("tokenizer.chat_template")
@@ -267,7 +265,7 @@ class Engine:
     def run(
         self, prompts: list[list[int]], prompt_logprobs: bool, top_k: int | None, sampling: Sampling
     ) -> list[Result]:
-        """Score and/or continue each prompt. Caller holds `lock`."""
+        """Score and/or continue each prompt."""
         for prompt in prompts:
             if not prompt:
                 raise EngineError("a prompt is empty: nothing to evaluate")

@@ -9,6 +9,7 @@ HELP = {
     "grace_server_prompt_tokens_total": "Prompt tokens received.",
     "grace_server_generation_tokens_total": "Tokens generated.",
     "grace_server_tokens_evaluated_total": "Tokens evaluated by the engine (shared prefixes count once).",
+    "grace_server_abandoned_total": "Requests dropped unserved because their client disconnected while they waited.",
 }
 
 

