@@ -115,15 +115,16 @@ def test_a_second_process_on_a_partition_is_refused_with_a_clear_message(tmp_pat
 
 @pytest.mark.slow
 def test_exp2_killed_run_resumes_with_no_question_asked_twice(tmp_path, servers):
+    trials = 3
     home = new_home(tmp_path / "home")
     data = tmp_path / "data"
     instance = DagsterInstance.local_temp(tempdir=str(home))
-    res = pipeline.resources(tmp_path, trial_limit=6, base_urls={MODEL: servers(MODEL).base_url})
+    res = pipeline.resources(tmp_path, trial_limit=trials, base_urls={MODEL: servers(MODEL).base_url})
     pipeline.prepare(instance, res, [MODEL], studies=("study2",))
     checkpoint = data / "checkpoints" / "exp2" / MODEL / "study2.jsonl"
     config = {
         "resources": {
-            "settings": {"config": {"trial_limit": 6}},
+            "settings": {"config": {"trial_limit": trials}},
             "llm": {"config": {"base_urls": {MODEL: servers(MODEL).base_url}}},
         }
     }
@@ -136,15 +137,18 @@ def test_exp2_killed_run_resumes_with_no_question_asked_twice(tmp_path, servers)
         lambda: len(pipeline.checkpoint_records(checkpoint)) >= 2,
     )
     before = len(pipeline.checkpoint_records(checkpoint))
-    assert 2 <= before < 6, "killed part-way"
 
     result = pipeline.run(instance, res, exp2_probabilities.key, MODEL, "study2")
     meta = pipeline.metadata(result, exp2_probabilities.key)
-    assert result.success and meta["cache_hits"] == before and meta["requests_made"] == 6 - before
+    # An utterance question per trial, and the literal-meaning questions of the informative trial(s).
+    questions = meta["distinct_questions"]
+    assert questions > trials and 2 <= before < questions, "killed part-way"
+    assert result.success and meta["cache_hits"] == before and meta["requests_made"] == questions - before
     records = pipeline.checkpoint_records(checkpoint)
-    assert len(records) == 6 and len({r["key"] for r in records}) == 6, "each question once"
+    assert len(records) == questions and len({r["key"] for r in records}) == questions, "each question once"
     long = pd.read_parquet(data / "exp2" / "probabilities" / MODEL / "study2.parquet")
-    assert len(long) == 6 * 32 and not long.duplicated(["trial_id", "question", "variant"]).any()
+    assert long.groupby(["trial_id", "question"]).ngroups == questions
+    assert long["trial_id"].nunique() == trials and not long.duplicated(["trial_id", "question", "variant"]).any()
 
 
 UNREADABLE = ["Hmm, hard to say.", "It depends on Ben, really.", "Well...", "Oh no."]
@@ -291,12 +295,17 @@ def test_a_killed_model_server_is_started_again_and_the_partition_finishes_with_
     pipeline.prepare(instance, res, [MODEL], studies=("study2",))
     checkpoint = tmp_path / "data" / "checkpoints" / "exp1" / MODEL / "study2.jsonl"
     killed: list[int] = []
+    # The session's shared servers (tests/conftest.py) have this process as their parent too: never theirs.
+    shared = set(_own_servers())
+
+    def runs_servers() -> list[int]:
+        return [pid for pid in _own_servers() if pid not in shared]
 
     def kill_when_two_done():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if sum("conversations" in r for r in pipeline.checkpoint_records(checkpoint)) >= 2 and _own_servers():
-                killed.extend(_own_servers())
+            if sum("conversations" in r for r in pipeline.checkpoint_records(checkpoint)) >= 2 and runs_servers():
+                killed.extend(runs_servers())
                 for pid in killed:
                     os.kill(pid, signal.SIGKILL)
                 return
@@ -313,4 +322,4 @@ def test_a_killed_model_server_is_started_again_and_the_partition_finishes_with_
     assert len(conversations) == 8 and len({r["trial_id"] for r in conversations}) == 8
     table = pd.read_parquet(tmp_path / "data" / "exp1" / "responses" / MODEL / "study2.parquet")
     assert len(table) == 8 and table["trial_id"].is_unique and table["response_utterance"].notna().all()
-    assert not _own_servers(), "the restarted server is stopped at the end of the run"
+    assert not runs_servers(), "the restarted server is stopped at the end of the run"
