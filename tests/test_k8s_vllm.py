@@ -76,7 +76,11 @@ def test_a_run_in_k8s_mode_scales_the_deployment_waits_and_scores_through_vllm(t
         assert fake.replicas(name) == 1, "left up for the next run; the idle sensor scales it down"
         assert not fake.unexpected and not [call for code, call in fake.refused if code == 403]
     meta = pipeline.metadata(result, exp2_probabilities.key)
-    assert "0.32" in meta["server_version"] and meta["requests_made"] == 2
     assert all(e.passed for e in result.get_asset_check_evaluations() if e.severity.value == "ERROR")
     table = pd.read_parquet(tmp_path / "data" / "exp2" / "probabilities" / MODEL / "study2.parquet")
-    assert len(table.drop_duplicates(["trial_id", "option"])) == 2 * 8
+    # One request per question through vLLM: the utterance question of each trial (8 options) and the
+    # literal-meaning questions of an informative trial.
+    questions = table.groupby(["trial_id", "question"]).ngroups
+    assert "0.32" in meta["server_version"] and meta["requests_made"] == meta["distinct_questions"] == questions
+    utterances = table[table.question == "utterance"]
+    assert len(utterances.drop_duplicates(["trial_id", "option"])) == 2 * 8

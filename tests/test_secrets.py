@@ -64,6 +64,7 @@ def test_an_api_key_appears_nowhere_the_platform_writes(tmp_path, monkeypatch, r
     refused = httpx.post(
         f"{hosted.base_url}/v1/chat/completions",
         json={
+            "model": "SmolLM2-135M-Instruct",
             "messages": [{"role": "user", "content": "Say hi."}],
             "max_tokens": 4,
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},

@@ -2,8 +2,8 @@
 local vLLM entry, with every check, and Experiment 2's distributions agree with the embedded server's.
 
 Written against the assets' public behaviour (materialize, checks, metadata, output tables), so it holds whatever
-the studies ask. Trial subsets: study 1 has 5 questions per trial, study 2 one, so 4 and 20 trials give at least
-20 questions of each study for the comparison.
+the studies ask. Trial subsets: study 1 has 6 questions per trial (the prior among them), study 2 at least one, so 4
+and 20 trials give at least 20 questions of each study for the comparison.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ EMBEDDED_MODEL = "smollm2-135m"
 TRIALS = {"study1": 4, "study2": 20}
 # Total variation between the two servers' distributions over one question's options, same weights, bf16 (vLLM)
 # against Q4_1 (llama.cpp): (max, median) allowed per study. Measured here (vLLM 0.32 CPU, eager; printed by the
-# test, reported in the README): study 1 max 0.156, median 0.094 over 20 questions (11 close numeric options, and
-# per-option log-probabilities differing by 0.25 nats at the median); study 2 max 0.080, median 0.035 (8 utterances).
+# test, reported in the README): study 1 max 0.161, median 0.067 over 24 questions (up to 11 close numeric options);
+# study 2 max 0.122, median 0.034 over 76 (20 utterance questions of 8 options, 56 literal-meaning yes/no questions).
 # The bounds leave about 1.6x room, as a different CPU or batch changes bf16 rounding.
-TOTAL_VARIATION_BOUNDS = {"study1": (0.25, 0.15), "study2": (0.12, 0.06)}
+TOTAL_VARIATION_BOUNDS = {"study1": (0.25, 0.15), "study2": (0.20, 0.06)}
 
 
 def _settings(study: str, judge: str) -> ExperimentSettings:
