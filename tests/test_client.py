@@ -72,9 +72,10 @@ def test_client_survives_server_kill_and_restart_mid_batch(tmp_path):
     assert all(len(r.choices[0].text) > len(f"Item {i}: the number after {i} is") for i, r in results)
     assert stats.retries > 0, "requests in flight at the kill were retried"
     assert stats.requests == 50
-    # The restarted server answered every request that had not finished before the kill (and those in flight at
-    # the kill, which the dead server never answered), so nothing was lost.
-    assert served_after >= 50 - killed_after
+    # The restarted server answered each request whose result had not arrived before the kill once: nothing lost,
+    # nothing asked twice. (Up to 4, the requests in flight, may have been answered by the dying server with the
+    # reply still arriving after the count was taken.)
+    assert 50 - killed_after - 4 <= served_after <= 50 - killed_after
     print(f"\nkilled after {killed_after} of 50 results; {stats.retries} retries; 50/50 results, no duplicates")
 
 

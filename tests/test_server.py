@@ -4,7 +4,6 @@ output validates, malformed requests get 4xx, and the server survives them."""
 from __future__ import annotations
 
 import json
-import math
 
 import httpx
 import jsonschema
@@ -244,17 +243,56 @@ MALFORMED_CHAT = [
     ),
     ("unknown role", {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
     ("no messages", {"model": "SmolLM2-135M-Instruct", "messages": []}, 400, "messages"),
+    (
+        "float-bounded json_schema",
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"p": {"type": "number", "minimum": 0.5}}},
+                },
+            },
+        },
+        400,
+        "cannot enforce numeric bounds on non-integers",
+    ),
+    (
+        "chat longer than the context without max_tokens",
+        {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "word " * 9000}]},
+        400,
+        "maximum context length is 8192",
+    ),
+]
+MALFORMED_OTHER = [
+    (
+        "tokenize with neither prompt nor messages",
+        "POST",
+        "/tokenize",
+        {"model": "SmolLM2-135M-Instruct"},
+        400,
+        "exactly one",
+    ),
+    ("tokenize with a number for a prompt", "POST", "/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("detokenize outside the vocabulary", "POST", "/detokenize", {"tokens": [1, 10**9]}, 400, "outside the vocabulary"),
+    ("detokenize without tokens", "POST", "/detokenize", {}, 400, "tokens"),
+    ("wrong method", "GET", "/v1/completions", None, 405, "Method Not Allowed"),
+    ("unknown route", "POST", "/v1/embeddings", {"input": "hi"}, 404, "Not Found"),
 ]
 
 
 @pytest.mark.parametrize(
-    "path,body,status,fragment",
-    [("/v1/completions", *case[1:]) for case in MALFORMED] + [("/v1/chat/completions", *c[1:]) for c in MALFORMED_CHAT],
-    ids=[c[0] for c in MALFORMED] + [c[0] for c in MALFORMED_CHAT],
+    "method,path,body,status,fragment",
+    [("POST", "/v1/completions", *case[1:]) for case in MALFORMED]
+    + [("POST", "/v1/chat/completions", *c[1:]) for c in MALFORMED_CHAT]
+    + [case[1:] for case in MALFORMED_OTHER],
+    ids=[c[0] for c in MALFORMED + MALFORMED_CHAT + MALFORMED_OTHER],
 )
-def test_malformed_request_gets_4xx_with_message(servers, path, body, status, fragment):
+def test_malformed_request_gets_4xx_with_message(servers, method, path, body, status, fragment):
     server = servers("smollm2-135m")
-    response = httpx.post(f"{server.base_url}{path}", json=body, timeout=60)
+    response = httpx.request(method, f"{server.base_url}{path}", json=body, timeout=60)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]["message"]
     assert server.healthy() and server.process.poll() is None
@@ -311,4 +349,4 @@ def test_generation_respects_stop_and_max_tokens(servers):
         for _ in range(2)
     ]
     assert same_seed[0] == same_seed[1], "a seed makes sampling reproducible"
-    assert not math.isnan(limited["usage"]["total_tokens"])
+    assert limited["usage"]["total_tokens"] == limited["usage"]["prompt_tokens"] + 3
