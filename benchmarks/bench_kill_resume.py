@@ -2,8 +2,9 @@
 killed twice at random points (SIGKILL to the whole `dagster asset materialize` process group) and then resumed to
 the end.
 
-Counted: rows and duplicate trials in the table, records and duplicate keys in the checkpoint, and the requests the
-server answered against the requests the partition needs. A request in flight at a kill is lost with the run and
+Counted: trials, answers (Experiment 1 samples, Experiment 2 questions) and rows in the table, and rows that appear
+twice; records and duplicate keys in the checkpoint; and the requests the server answered against the requests the
+partition needs. A request in flight at a kill is lost with the run and
 asked again on resume, so at most the client's concurrency per kill can be repeated; nothing finished is.
 
     .venv/bin/python -m benchmarks.bench_kill_resume --trials 100
@@ -76,14 +77,18 @@ def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path
     table = pd.read_parquet(
         data / name / ("responses" if name == "exp1" else "probabilities") / MODEL / f"{STUDY}.parquet"
     )
-    trial_rows = table.drop_duplicates(["trial_id", "question"]) if name == "exp2" else table
+    # A row is one answer (Experiment 1: trial × sample) or one option of one question (Experiment 2).
+    row_key = ["trial_id", "sample"] if name == "exp1" else ["trial_id", "question", "option_index"]
+    answers = table.drop_duplicates(["trial_id", "question"]) if name == "exp2" else table
     return {
         "succeeded": result.success,
         "checkpoint_records_at_each_kill": kills,
         "resume_cache_hits": meta["cache_hits"],
         "resume_requests_made": meta["requests_made"],
-        "rows": len(trial_rows),
-        "duplicate_trials": int(trial_rows.duplicated(["trial_id"]).sum()),
+        "trials": int(table["trial_id"].nunique()),
+        "answers": len(answers),
+        "rows": len(table),
+        "duplicate_rows": int(table.duplicated(row_key).sum()),
         "checkpoint_records": len(records),
         "checkpoint_duplicate_keys": len(keys) - len(set(keys)),
         "requests_needed": needed,
