@@ -144,7 +144,15 @@ def analysis_asset(study: Study) -> AssetsDefinition:
         }
         for name, comparison in result.comparisons.items():
             path = storage.path("csv", f"analysis_{study.name}_{name}.csv")
-            storage.write_table(comparison, storage.path("analysis", f"{study.name}_{name}.parquet"), path)
+            parquet = storage.path("analysis", f"{study.name}_{name}.parquet")
+            if comparison.columns.empty:
+                # A table that needs both experiments, one of them refused or not run: no file (an empty CSV stops
+                # R's read.csv), and none left from an earlier run to be read as this one's.
+                path.unlink(missing_ok=True)
+                parquet.unlink(missing_ok=True)
+                metadata[name] = "not written: it needs both experiments, and one was refused or not run"
+                continue
+            storage.write_table(comparison, parquet, path)
             metadata[name] = MetadataValue.md(
                 readable(comparison).to_markdown(index=False) if len(comparison) else "none"
             )
