@@ -255,7 +255,9 @@ def create_app(
         def work():
             text = engine.render_chat([m.model_dump() for m in req.messages], req.add_generation_prompt)
             ids = engine.tokenize(text, add_special=False)
-            max_tokens = req.max_tokens if req.max_tokens is not None else engine.n_ctx - len(ids)
+            # Without max_tokens the answer may fill the context; a prompt that fills it already asks for at least
+            # one token, so the engine refuses it with the context-length message (as vLLM does) instead of failing.
+            max_tokens = req.max_tokens if req.max_tokens is not None else max(engine.n_ctx - len(ids), 1)
             sampling = Sampling(
                 max_tokens=max_tokens,
                 temperature=req.temperature,
