@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ready_file=args.ready_file,
         parent_pid=args.parent_pid,
         structured_output=args.structured_output,
+        api_key_env=args.api_key_env,
     )
     return 0
 
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="json_schema",
         help="the response_format chat accepts: json_schema (and json_object) as vLLM does, or json_object only, "
         "refusing json_schema as a hosted API such as DeepSeek's does",
+    )
+    serve.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="require the key in this environment variable on every /v1 request (Authorization: Bearer), as "
+        "vLLM's --api-key does",
     )
     serve.set_defaults(func=cmd_serve)
 

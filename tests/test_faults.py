@@ -66,6 +66,19 @@ def test_checkpoint_keys_survive_edits_to_code_and_change_with_the_request(monke
         reworded = trials.assign(**{study.text_columns[0]: trials[study.text_columns[0]] + " Really."})
         assert set(conversation_jobs(study, reworded, model, settings)).isdisjoint(keys[name][0]), "the prompt counts"
         assert set(question_jobs(study, reworded, model)[0]).isdisjoint(keys[name][1])
+        reseeded = ExperimentSettings(seed=settings.seed + 1)
+        assert set(conversation_jobs(study, trials, model, reseeded)).isdisjoint(keys[name][0]), "the seed counts"
+        reweighted = model.model_copy(update={"weights": model.weights.model_copy(update={"version": "9.9.9"})})
+        assert reweighted.weights_revision != model.weights_revision
+        assert set(conversation_jobs(study, trials, reweighted, settings)).isdisjoint(keys[name][0]), "the weights"
+        assert set(question_jobs(study, trials, reweighted)[0]).isdisjoint(keys[name][1]), "the weights count"
+    # A new way of asking, declared by bumping the method version, asks everything anew.
+    monkeypatch.setattr(exp1, "EXP1_METHOD", exp1.EXP1_METHOD + "-next")
+    monkeypatch.setattr(exp2, "EXP2_METHOD", exp2.EXP2_METHOD + "-next")
+    for name, study in STUDIES.items():
+        trials = study.load().head(3)
+        assert set(conversation_jobs(study, trials, model, settings)).isdisjoint(keys[name][0]), "method version"
+        assert set(question_jobs(study, trials, model)[0]).isdisjoint(keys[name][1]), "method version"
 
 
 def test_checkpoint_reads_past_a_torn_and_a_garbage_line_and_keeps_every_good_one(tmp_path):

@@ -3,8 +3,8 @@ logs, outputs, checkpoints, the archive, the rendered manifests, nor the environ
 starts.
 
 The run uses an external judge (registry backend `external`, the key from an environment variable) whose URL is a
-real embedded server, so the key really is sent with every judge request, as to a hosted API; like DeepSeek's API, that
-server accepts `response_format` `json_object` only and refuses `json_schema`.
+real embedded server that, like a hosted API, answers only requests carrying the key (`grace serve --api-key-env`) and,
+like DeepSeek's API, accepts `response_format` `json_object` only and refuses `json_schema`.
 """
 
 from __future__ import annotations
@@ -56,19 +56,26 @@ def _files_holding(root: Path, needle: bytes) -> list[Path]:
 @pytest.mark.slow
 def test_an_api_key_appears_nowhere_the_platform_writes(tmp_path, monkeypatch, request):
     monkeypatch.setenv("GRACE_TEST_JUDGE_KEY", SECRET)
-    # The hosted judge refuses json_schema as DeepSeek's API does: the judge's request shape for the external backend
-    # (json_object, the schema in the instructions) is what it answers.
-    hosted = EmbeddedServer(MODEL, log_dir=tmp_path / "hosted-logs", args=["--structured-output", "json_object"])
+    # The hosted judge behaves as DeepSeek's API: it answers only requests that carry the key (so the run's judge
+    # requests did), and it refuses json_schema (the judge's request shape for the external backend is json_object,
+    # the schema in the instructions).
+    hosted = EmbeddedServer(
+        MODEL,
+        log_dir=tmp_path / "hosted-logs",
+        env={"HOSTED_API_KEY": SECRET},
+        args=["--structured-output", "json_object", "--api-key-env", "HOSTED_API_KEY"],
+    )
     hosted.start()
     request.addfinalizer(hosted.stop)
+    chat = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    }
+    assert httpx.post(f"{hosted.base_url}/v1/chat/completions", json=chat).status_code == 401, "no key, no answer"
     refused = httpx.post(
-        f"{hosted.base_url}/v1/chat/completions",
-        json={
-            "model": "SmolLM2-135M-Instruct",
-            "messages": [{"role": "user", "content": "Say hi."}],
-            "max_tokens": 4,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
-        },
+        f"{hosted.base_url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {SECRET}"}
     )
     assert refused.status_code == 400 and "json_schema is not supported" in refused.json()["error"]["message"]
     registry = tmp_path / "models.yaml"

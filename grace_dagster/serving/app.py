@@ -88,11 +88,32 @@ class CountResponses:
         await self.app(scope, receive, counting_send)
 
 
+class RequireKey:
+    """Refuses a request to the API (`/v1/...`, as vLLM's `--api-key` does) without `Authorization: Bearer <key>`."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                body = ErrorResponse(
+                    error=ErrorBody(message="a valid API key is required", type="AuthenticationError", code=401)
+                )
+                return await JSONResponse(body.model_dump(), status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(
-    engine: Engine, served_name: str, version: str = "grace-embedded", structured_output: str = "json_schema"
+    engine: Engine,
+    served_name: str,
+    version: str = "grace-embedded",
+    structured_output: str = "json_schema",
+    api_key: str | None = None,
 ) -> FastAPI:
-    """`structured_output="json_object"` makes the server refuse `response_format` `json_schema` as a hosted API that
-    enforces only JSON objects does (DeepSeek's), so that the judge's request shape for such APIs is tested for real."""
+    """Two settings make the server behave as a hosted API would, so that the platform's requests to such APIs are
+    tested against a real server: `structured_output="json_object"` refuses `response_format` `json_schema` (as
+    DeepSeek's API does), and `api_key` requires that key on every API request."""
     app = FastAPI(title=f"Grace embedded server: {served_name}", version=version)
     metrics = Metrics()
 
@@ -126,6 +147,8 @@ def create_app(
                 404, f"The model `{name}` does not exist; this server serves `{served_name}`.", "NotFoundError", "model"
             )
 
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key)
     app.add_middleware(CountResponses, metrics=metrics)
 
     @app.exception_handler(ApiError)

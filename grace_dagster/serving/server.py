@@ -30,6 +30,12 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
+def _api_key(name: str) -> str:
+    if not os.environ.get(name):
+        raise SystemExit(f"--api-key-env {name}: set the key in the environment variable {name}")
+    return os.environ[name]
+
+
 def serve(
     slug: str,
     host: str = "127.0.0.1",
@@ -37,6 +43,7 @@ def serve(
     ready_file: Path | None = None,
     parent_pid: int | None = None,
     structured_output: str = "json_schema",
+    api_key_env: str | None = None,
 ) -> None:
     """Load the model, bind the port, then announce readiness.
 
@@ -55,6 +62,7 @@ def serve(
         model.served_name,
         version=f"grace-embedded (llama-cpp-python {llama_cpp.__version__})",
         structured_output=structured_output,
+        api_key=_api_key(api_key_env) if api_key_env else None,
     )
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
