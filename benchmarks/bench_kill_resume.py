@@ -32,6 +32,7 @@ from tests.dagster_dev import new_home
 RESULTS = Path(__file__).with_name("results") / "kill_resume.json"
 MODEL, STUDY = "smollm2-135m", "study2"
 ROUTES = {"exp1": "/v1/chat/completions", "exp2": "/v1/completions"}
+ASSETS = {"exp1": exp1_responses, "exp2": exp2_probabilities}
 
 
 def served(base_url: str, route: str) -> int:
@@ -77,8 +78,8 @@ def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path
     table = pd.read_parquet(
         data / name / ("responses" if name == "exp1" else "probabilities") / MODEL / f"{STUDY}.parquet"
     )
-    # A row is one answer (Experiment 1: trial × sample) or one option of one question (Experiment 2).
-    row_key = ["trial_id", "sample"] if name == "exp1" else ["trial_id", "question", "option_index"]
+    # A row is one answer (Experiment 1: trial × sample) or one written form of one option (Experiment 2).
+    row_key = ["trial_id", "sample"] if name == "exp1" else ["trial_id", "question", "variant"]
     answers = table.drop_duplicates(["trial_id", "question"]) if name == "exp2" else table
     return {
         "succeeded": result.success,
@@ -101,12 +102,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--experiments", nargs="+", choices=list(ASSETS), default=list(ASSETS))
     args = parser.parse_args()
-    rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="grace-kill-") as tmp, EmbeddedServer(MODEL, log_dir=Path(tmp)) as server:
+        # Each experiment draws its kill points from its own generator, so one can be run again alone.
         figures = {
-            name: one_experiment(name, asset, args.trials, rng, Path(tmp), server)
-            for name, asset in (("exp1", exp1_responses), ("exp2", exp2_probabilities))
+            name: one_experiment(name, ASSETS[name], args.trials, random.Random(args.seed + i), Path(tmp), server)
+            for i, name in enumerate(ASSETS)
+            if name in args.experiments
         }
     result = {
         "machine": machine(),
@@ -114,8 +117,11 @@ def main() -> None:
         "model": MODEL,
         "study": STUDY,
         "trials": args.trials,
-        **figures,
     }
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if all(earlier.get(k) == result[k] for k in ("command", "model", "study", "trials")):
+        result |= {name: earlier[name] for name in ASSETS if name in earlier}  # the experiments not run this time
+    result |= figures
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
