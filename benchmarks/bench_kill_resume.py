@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import tempfile
 from pathlib import Path
 
-import httpx
 import pandas as pd
 from dagster import DagsterInstance
 
@@ -35,13 +33,6 @@ ROUTES = {"exp1": "/v1/chat/completions", "exp2": "/v1/completions"}
 ASSETS = {"exp1": exp1_responses, "exp2": exp2_probabilities}
 
 
-def served(base_url: str, route: str) -> int:
-    """Requests the server answered on `route` (successfully)."""
-    text = httpx.get(f"{base_url}/metrics").text
-    found = re.search(rf'^grace_server_requests_total{{code="200",route="{re.escape(route)}"}} (\S+)$', text, re.M)
-    return int(float(found.group(1))) if found else 0
-
-
 def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path, server: EmbeddedServer) -> dict:
     home, data = new_home(work / name / "home"), work / name / "data"
     instance = DagsterInstance.local_temp(tempdir=str(home))
@@ -55,7 +46,12 @@ def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path
         }
     }
     route = ROUTES[name]
-    start = served(server.base_url, route)
+
+    def answered() -> int:
+        """Requests the server has answered on the experiment's route (successfully)."""
+        return int(pipeline.server_counter(server.base_url, "grace_server_requests_total", code="200", route=route))
+
+    start = answered()
     kills = []
     for _ in range(2):
         before = len(pipeline.checkpoint_records(checkpoint))
@@ -74,7 +70,7 @@ def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path
     records = pipeline.checkpoint_records(checkpoint)
     keys = [r["key"] for r in records]
     needed = meta.get("distinct_questions", trials)
-    answered = served(server.base_url, route) - start
+    answered_here = answered() - start
     table = pd.read_parquet(
         data / name / ("responses" if name == "exp1" else "probabilities") / MODEL / f"{STUDY}.parquet"
     )
@@ -93,8 +89,8 @@ def one_experiment(name: str, asset, trials: int, rng: random.Random, work: Path
         "checkpoint_records": len(records),
         "checkpoint_duplicate_keys": len(keys) - len(set(keys)),
         "requests_needed": needed,
-        "requests_answered_by_the_server": answered,
-        "requests_repeated": answered - needed,
+        "requests_answered_by_the_server": answered_here,
+        "requests_repeated": answered_here - needed,
     }
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 from dagster import DagsterInstance, MultiPartitionKey, materialize
 
 from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, study_trials
@@ -76,3 +78,11 @@ def kill_part_way(home: Path, data: Path, select: str, partition: str, config: d
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def server_counter(base_url: str, name: str, **labels: str) -> float:
+    """One counter of a model server's `/metrics` (0 until it is first counted)."""
+    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    series = f"{name}{{{label_text}}}" if labels else name
+    found = re.search(rf"^{re.escape(series)} (\S+)$", httpx.get(f"{base_url}/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0

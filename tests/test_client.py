@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import time
 
 import httpx
@@ -21,6 +20,7 @@ from grace_dagster.llm import (
     score_options,
 )
 from grace_dagster.serving.process import EmbeddedServer
+from tests import pipeline
 
 FAST_RETRY = RetryPolicy(attempts=40, initial_backoff=0.2, max_backoff=1.0)
 
@@ -55,11 +55,8 @@ def test_client_survives_server_kill_and_restart_mid_batch(tmp_path):
             results, killed_after = await asyncio.gather(
                 asyncio.gather(*(one(i) for i in range(50))), crash_and_restart()
             )
-            metrics = (await client._http.get("/metrics")).text
-            served = re.search(
-                r'^grace_server_requests_total\{code="200",route="/v1/completions"\} (\S+)$', metrics, re.M
-            )
-            return results, killed_after, client.stats, int(float(served.group(1)))
+            served = await asyncio.to_thread(_completions_served, server.base_url)
+            return results, killed_after, client.stats, int(served)
 
     try:
         results, killed_after, stats, served_after = asyncio.run(main())
@@ -83,11 +80,16 @@ SERVED = "SmolLM2-135M-Instruct"
 COUNTING = "Counting: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # a raw completion that runs to max_tokens
 
 
-def _metric(metrics: str, name: str, **labels: str) -> float:
-    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    series = f"{name}{{{label_text}}}" if labels else name
-    found = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.M)
-    return float(found.group(1)) if found else 0.0
+def _completions_served(url: str) -> float:
+    return pipeline.server_counter(url, "grace_server_requests_total", code="200", route="/v1/completions")
+
+
+def _engine_counters(url: str) -> tuple[float, float]:
+    """Tokens the engine generated, and completions dropped unserved because their client had gone."""
+    return (
+        pipeline.server_counter(url, "grace_server_generation_tokens_total"),
+        pipeline.server_counter(url, "grace_server_abandoned_total", route="/v1/completions"),
+    )
 
 
 def _timed_generation(url: str, max_tokens: int) -> float:
@@ -107,7 +109,7 @@ def test_a_request_whose_client_gave_up_while_it_waited_is_never_served(servers)
     long_tokens = 64
     while _timed_generation(url, long_tokens) < 2.0:
         long_tokens *= 2
-    before = httpx.get(f"{url}/metrics").text
+    before = _engine_counters(url)
 
     async def main():
         async with httpx.AsyncClient(base_url=url) as http:
@@ -119,13 +121,7 @@ def test_a_request_whose_client_gave_up_while_it_waited_is_never_served(servers)
             return (await long).json()
 
     long_reply = asyncio.run(main())
-    after = httpx.get(f"{url}/metrics").text
-    generated = _metric(after, "grace_server_generation_tokens_total") - _metric(
-        before, "grace_server_generation_tokens_total"
-    )
-    abandoned = _metric(after, "grace_server_abandoned_total", route="/v1/completions") - _metric(
-        before, "grace_server_abandoned_total", route="/v1/completions"
-    )
+    generated, abandoned = (now - then for now, then in zip(_engine_counters(url), before))
     assert long_reply["usage"]["completion_tokens"] == long_tokens
     assert generated == long_tokens, "the engine generated nothing for the request whose client had gone"
     assert abandoned == 1
@@ -143,7 +139,7 @@ def test_client_timeouts_count_no_queue_time_behind_the_embedded_server(servers)
     tokens = 16
     while (seconds := _timed_generation(url, tokens)) < 1.0:
         tokens *= 2
-    before = httpx.get(f"{url}/metrics").text
+    before = _completions_served(url)
     endpoint = Endpoint(load_registry().get("smollm2-135m"), url)
 
     async def main():
@@ -155,10 +151,7 @@ def test_client_timeouts_count_no_queue_time_behind_the_embedded_server(servers)
         return replies, client.stats
 
     replies, stats = asyncio.run(main())
-    after = httpx.get(f"{url}/metrics").text
-    served = _metric(after, "grace_server_requests_total", code="200", route="/v1/completions") - _metric(
-        before, "grace_server_requests_total", code="200", route="/v1/completions"
-    )
+    served = _completions_served(url) - before
     assert [r.usage.completion_tokens for r in replies] == [tokens] * 4
     assert stats.retries == 0, "no request timed out"
     assert served == 4, "each request was served once"
