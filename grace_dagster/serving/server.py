@@ -52,6 +52,7 @@ def serve(
     """
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
+    api_key = _api_key(api_key_env) if api_key_env else None  # a missing key is said before the weights load
     model = load_registry().get(slug)
     if not isinstance(model.serving, EmbeddedServing):
         raise SystemExit(f"model {slug!r} is served by {model.serving.backend}, not by the embedded server")
@@ -62,7 +63,7 @@ def serve(
         model.served_name,
         version=f"grace-embedded (llama-cpp-python {llama_cpp.__version__})",
         structured_output=structured_output,
-        api_key=_api_key(api_key_env) if api_key_env else None,
+        api_key=api_key,
     )
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
