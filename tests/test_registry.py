@@ -55,7 +55,7 @@ def test_local_vllm_entry_serves_the_embedded_weights_and_is_never_rendered_for_
 
 def test_concurrency_defaults_to_what_each_server_can_use():
     registry = load_registry()
-    assert registry.get("smollm2-135m").serving.max_concurrency == 1
+    assert registry.get("smollm2-135m").serving.max_concurrency == 4
     assert registry.get("smollm2-135m-vllm").serving.max_concurrency == 64
     assert registry.get("gemma-2-9b").serving.max_concurrency == 64
     assert registry.get("deepseek-chat-api").serving.max_concurrency == 4

@@ -4,6 +4,8 @@ output validates, malformed requests get 4xx, and the server survives them."""
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -120,6 +122,42 @@ def test_shared_prefix_prompts_score_exactly_like_separate_evaluations(model_and
         worst = max(worst, float(np.max(np.abs(np.array(served) - np.array(expected)))))
     print(f"\n{slug}: shared-prefix vs one-shot evaluation, max per-token difference {worst:.2e} nats")
     assert worst < 1e-6
+
+
+def test_scores_and_seeded_samples_are_the_same_with_four_requests_in_flight(model_and_reference):
+    """Continuous batching changes no number. Four seeded samples of one request (decoded together, the later three
+    from a copy of the first one's evaluated prompt) run while scoring requests arrive: every prompt log-probability
+    equals llama.cpp's own within the tolerance of a lone request, and each sample has the same tokens and the same
+    log-probabilities as when it is asked alone afterwards."""
+    slug, server, reference = model_and_reference
+    # Longer than two ubatches, so that the samples share a copied prefix.
+    story = " ".join(PROMPTS[:5])
+    generation = {"model": SERVED_NAMES[slug], "prompt": story, "max_tokens": 24, "temperature": 1.0, "logprobs": 0}
+
+    def sample(n: int, seed: int) -> list[tuple[str, list[float]]]:
+        body = httpx.post(f"{server.base_url}/v1/completions", json={**generation, "n": n, "seed": seed}, timeout=300)
+        choices = sorted(body.json()["choices"], key=lambda c: c["index"])
+        return [(c["text"], c["logprobs"]["token_logprobs"]) for c in choices]
+
+    def prompt_logprobs(prompt: str) -> list[float]:
+        body = httpx.post(
+            f"{server.base_url}/v1/completions",
+            json={"model": SERVED_NAMES[slug], "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 0},
+            timeout=300,
+        ).json()
+        return [next(iter(p.values()))["logprob"] for p in body["choices"][0]["prompt_logprobs"][1:]]
+
+    with ThreadPoolExecutor(4) as pool:
+        together = pool.submit(sample, 4, 100)
+        time.sleep(0.5)  # the samples are generating when the scoring requests arrive
+        scored = list(pool.map(prompt_logprobs, PROMPTS[5:]))
+        together = together.result()
+    alone = [sample(1, 100 + i)[0] for i in range(4)]
+    assert together == alone, "a seeded sample is the same whether decoded alone or together with others"
+    assert len({text for text, _ in alone}) > 1, "four different samples"
+    for prompt, served in zip(PROMPTS[5:], scored):
+        expected = _reference_logprobs(reference, reference.tokenize(prompt.encode(), add_bos=True, special=True))
+        np.testing.assert_allclose(served, expected, atol=1e-4, err_msg=f"{slug}: {prompt!r}")
 
 
 EXTRACTION_SCHEMA = {

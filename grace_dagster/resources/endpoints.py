@@ -11,8 +11,8 @@
   concurrent GPU-backed runs), and its Service URL is handed out once `/v1/models` lists the model. Embedded models
   and local-only vLLM entries still run as a child process wherever the step runs (they need no Deployment).
 
-A client keeps the model's `serving.max_concurrency` requests in flight (registry; 64 for vLLM, 1 for the embedded
-server, which serves one at a time), unless `max_concurrency` here overrides it for every model.
+A client keeps the model's `serving.max_concurrency` requests in flight (registry; 64 for vLLM, 4 for the embedded
+server, which decodes that many sequences together), unless `max_concurrency` here overrides it for every model.
 
 In k8s mode nothing is scaled down at teardown: under the multiprocess and k8s executors resources are set up and
 torn down once per step, so a scale-down there would reload the weights for every step. Idle models are scaled to 0

@@ -1,7 +1,8 @@
 """The embedded server's HTTP API: the subset of vLLM's OpenAI-compatible API that the pipeline uses.
 
-Routes are thin: validate (pydantic, 400 on any problem), run the engine in a worker thread (one request at a time;
-llama.cpp contexts are not thread-safe), and shape the answer with the wire models of `grace_dagster.llm.protocol`.
+Routes are thin: validate (pydantic, 400 on any problem), tokenize in a worker thread, hand the prompts to the
+engine's scheduler (which batches concurrent requests), and shape the answer with the wire models of
+`grace_dagster.llm.protocol`.
 """
 
 import asyncio
@@ -39,7 +40,7 @@ from grace_dagster.llm.protocol import (
     Usage,
     VersionResponse,
 )
-from grace_dagster.serving.engine import Engine, EngineError, PositionLogprobs, Result, Sampling
+from grace_dagster.serving.engine import Engine, EngineError, Job, PositionLogprobs, Result, Sampling
 from grace_dagster.serving.metrics import Metrics
 
 DEFAULT_COMPLETION_TOKENS = 16
@@ -68,7 +69,7 @@ def _clamp(logprob: float) -> float:
 
 class CountResponses:
     """Counts responses by route and status code. Plain ASGI: Starlette's `@app.middleware("http")` would hide a
-    client's disconnect from the routes, and the queue in `in_engine` must see it."""
+    client's disconnect from the routes, and `answer` must see it to cancel the job."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -117,29 +118,26 @@ def create_app(
     app = FastAPI(title=f"Grace embedded server: {served_name}", version=version)
     metrics = Metrics()
 
-    # Requests wait for the engine here, in the event loop, where a client that gave up waiting (its timeout, a
-    # killed run) is noticed: its request leaves the queue unserved instead of costing the engine its work while the
-    # client sends it again.
-    turn = asyncio.Lock()
-
-    async def in_engine(request: Request, fn, *args):
-        waiting = asyncio.ensure_future(turn.acquire())
+    async def in_thread(fn, *args):
+        """Tokenization and the like: thread-safe, off the event loop, never queued behind the model."""
         try:
-            while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
-                if await request.is_disconnected():
-                    metrics.inc("grace_server_abandoned_total", route=request.url.path)
-                    raise ApiError(499, "the client closed the connection while the request waited", "ClientClosed")
-        except BaseException:
-            if not waiting.cancel():  # acquired just as the wait ended: give the turn back
-                turn.release()
-            raise
-        try:
-            # One engine call at a time; FastAPI keeps answering /health while a long request runs in its thread.
             return await run_in_threadpool(fn, *args)
         except EngineError as e:
             raise ApiError(400, str(e)) from None
-        finally:
-            turn.release()
+
+    async def answer(request: Request, job: Job) -> list[Result]:
+        """The engine's results for a job. A client that gave up waiting (its timeout, a killed run) is noticed
+        here and its job is cancelled: the engine stops spending work on it while the client sends it again."""
+        done = asyncio.wrap_future(job.future)
+        while not (await asyncio.wait({done}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if await request.is_disconnected():
+                job.cancel()
+                metrics.inc("grace_server_abandoned_total", route=request.url.path)
+                raise ApiError(499, "the client closed the connection before its answer was ready", "ClientClosed")
+        try:
+            return done.result()
+        except EngineError as e:
+            raise ApiError(400, str(e)) from None
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_name:
@@ -185,7 +183,12 @@ def create_app(
     @app.get("/metrics")
     async def prometheus():
         return PlainTextResponse(
-            metrics.render({"grace_server_tokens_evaluated_total": engine.tokens_evaluated}),
+            metrics.render(
+                {
+                    "grace_server_tokens_evaluated_total": engine.tokens_evaluated,
+                    "grace_server_generation_tokens_total": engine.tokens_generated,
+                }
+            ),
             media_type="text/plain; version=0.0.4",
         )
 
@@ -202,13 +205,13 @@ def create_app(
                 return engine.tokenize(text, add_special=False)
             return engine.tokenize(req.prompt, add_special=req.add_special_tokens)
 
-        tokens = await in_engine(request, work)
+        tokens = await in_thread(work)
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.n_ctx)
 
     @app.post("/detokenize")
     async def detokenize(request: Request, req: DetokenizeRequest) -> DetokenizeResponse:
         check_model(req.model)
-        return DetokenizeResponse(prompt=await in_engine(request, engine.detokenize, req.tokens))
+        return DetokenizeResponse(prompt=await in_thread(engine.detokenize, req.tokens))
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest) -> CompletionResponse:
@@ -240,21 +243,20 @@ def create_app(
             logprobs=req.logprobs,
         )
 
-        def work():
+        def submit() -> Job:
             ids = [engine.tokenize(t, req.add_special_tokens) if t is not None else p for t, p in zip(texts, prompt)]
-            samples = [
-                engine.run(ids, want_prompt_logprobs, top_k, replace(sampling, seed=seed))
-                for seed in _seeds(req.seed, req.n)
-            ]
-            # Ordered as vLLM orders them: every sample of the first prompt, then of the next.
-            by_prompt = [(text, sample[p]) for p, text in enumerate(texts) for sample in samples]
-            return [_completion_choice(engine, i, text, r, req) for i, (text, r) in enumerate(by_prompt)]
+            # Every sample of the first prompt, then of the next, as vLLM orders the choices.
+            sequences = [(p, replace(sampling, seed=seed)) for p in ids for seed in _seeds(req.seed, req.n)]
+            # vLLM reports a rank with prompt_logprobs only; echo logprobs need no full-vocabulary count.
+            return engine.submit(sequences, want_prompt_logprobs, top_k, want_rank=req.prompt_logprobs is not None)
 
-        choices = await in_engine(request, work)
+        results = await answer(request, await in_thread(submit))
+        choices = [
+            _completion_choice(engine, i, texts[i // req.n], result, req) for i, result in enumerate(results)
+        ]
         prompt_tokens = sum(len(c[1].prompt_ids) for c in choices[:: req.n])  # each prompt once, as vLLM counts
         completion_tokens = sum(len(c[1].output_ids) for c in choices)
         metrics.inc("grace_server_prompt_tokens_total", prompt_tokens)
-        metrics.inc("grace_server_generation_tokens_total", completion_tokens)
         return CompletionResponse(
             model=served_name,
             choices=[c[0] for c in choices],
@@ -275,7 +277,7 @@ def create_app(
             raise ApiError(400, message, param="response_format")
         grammar = _grammar(req.response_format)
 
-        def work():
+        def submit() -> Job:
             text = engine.render_chat([m.model_dump() for m in req.messages], req.add_generation_prompt)
             ids = engine.tokenize(text, add_special=False)
             # Without max_tokens the answer may fill the context; a prompt that fills it already asks for at least
@@ -290,12 +292,12 @@ def create_app(
                 grammar=grammar,
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             )
-            return [engine.run([ids], False, None, replace(sampling, seed=seed))[0] for seed in _seeds(req.seed, req.n)]
+            sequences = [(ids, replace(sampling, seed=seed)) for seed in _seeds(req.seed, req.n)]
+            return engine.submit(sequences, prompt_logprobs=False, top_k=None, want_rank=False)
 
-        results = await in_engine(request, work)
+        results = await answer(request, await in_thread(submit))
         n_prompt, n_out = len(results[0].prompt_ids), sum(len(r.output_ids) for r in results)
         metrics.inc("grace_server_prompt_tokens_total", n_prompt)
-        metrics.inc("grace_server_generation_tokens_total", n_out)
         return ChatResponse(
             model=served_name,
             choices=[

@@ -3,13 +3,20 @@
 Why not `Llama.create_completion`: its echo logprobs are shifted by one token for models without a BOS token, it
 sorts the whole vocabulary in Python at every position, and `Llama.scores` copies the full context × vocabulary
 matrix. Here every logits row is read once, straight from llama.cpp's output buffer, and reduced on the spot to what
-the response needs (the token's log-probability, its rank, the top-k).
+the response needs (the token's log-probability, its rank if asked, the top-k if asked).
 
-Prompts of one request that share a prefix (the answer options of one trial) evaluate that prefix once, up to a
-ubatch boundary; each prompt then evaluates only the rest after the KV cache is cut back. Quantized CPU kernels are
-not batch-invariant (DESIGN section 6), so the cut is placed where a prompt evaluated alone would be split anyway:
-shared-prefix scores equal single-prompt scores exactly. Every request starts from an empty cache, so results do
-not depend on earlier requests.
+Concurrent requests share the model by continuous batching, as vLLM and llama-server do: the context holds one KV
+stream per slot (`n_slots` sequences, llama.cpp's non-unified cache), a scheduler thread evaluates each new prompt in
+its slot and then decodes every generating sequence together, one token each per `decode` call; requests join
+between steps and each sequence finishes on its own.
+
+Exactness. Quantized CPU kernels are not batch-invariant (DESIGN section 6): the same token evaluated in a different
+ubatch can get slightly different logits. So a prompt is always evaluated alone, in the ubatches it would go through
+on an empty cache, and each slot has its own KV stream, so attention never sees another sequence's cells. A slot
+keeps what it evaluated; a new prompt reuses the longest prefix it shares with a slot's cache (the answer options of
+one question, the scenario of a trial), cut back to a ubatch boundary, so the rest still goes through the ubatches of
+a lone evaluation and its scores equal single-prompt scores bit for bit. Only the decode steps batch sequences
+together; `benchmarks/bench_embedded_server.py` measures what that changes in generated tokens (nothing, here).
 """
 
 from __future__ import annotations
@@ -18,17 +25,22 @@ import ctypes
 import json
 import math
 import os
+import threading
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from llama_cpp._internals import LlamaBatch, LlamaSampler
+from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaSampler
 
 # Tokens per llama.cpp ubatch. Small enough that a shared prefix cut at a ubatch boundary leaves little to
 # re-evaluate per prompt; measured here to cost nothing in prompt throughput against 512.
 N_UBATCH = 32
+# Sequences served at once (KV streams). Four decode together at little more than the cost of one on 2 cores.
+DEFAULT_SLOTS = 4
 
 
 def load_without_weight_repacking(**kwargs) -> llama_cpp.Llama:
@@ -125,8 +137,91 @@ def _common_prefix_length(prompts: list[list[int]]) -> int:
     return n
 
 
+@dataclass
+class Sequence:
+    """One prompt of a request, scored and/or continued, and its progress."""
+
+    prompt: list[int]
+    prompt_logprobs: bool
+    top_k: int | None
+    want_rank: bool
+    sampling: Sampling
+    sampler: LlamaSampler
+    job: Job
+    scores: list[PositionLogprobs] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
+    output_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    raw: bytes = b""
+    result: Result | None = None
+
+    @property
+    def score_key(self) -> tuple:
+        return self.top_k, self.want_rank
+
+    def finish(self, reason: str, text: str | None = None) -> None:
+        self.result = Result(
+            prompt_ids=self.prompt,
+            prompt_logprobs=[None, *self.scores] if self.prompt_logprobs else None,
+            output_ids=self.output,
+            output_text=self.raw.decode("utf-8", errors="ignore") if text is None else text,
+            output_logprobs=self.output_logprobs,
+            finish_reason=reason,
+        )
+        self.sampler.close()
+        self.job.sequence_done()
+
+
+class Job:
+    """The sequences of one request; `future` gets their results in order once all are done."""
+
+    def __init__(self):
+        self.sequences: list[Sequence] = []
+        self.future: Future[list[Result]] = Future()
+        self.cancelled = False
+        self._remaining = 0
+
+    def cancel(self) -> None:
+        """The client is gone: pending sequences are dropped and running ones stop at the next step."""
+        self.cancelled = True
+
+    def sequence_done(self) -> None:
+        self._remaining -= 1
+        if self._remaining == 0 and not self.future.done():
+            self.future.set_result([s.result for s in self.sequences])
+
+    def fail(self, error: BaseException) -> None:
+        self.cancelled = True
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass
+class Slot:
+    """One KV stream of the context and what it holds, kept after its sequence finishes for the next to reuse."""
+
+    id: int
+    tokens: list[int] = field(default_factory=list)  # the stream's cells, position by position
+    aligned: int = 0  # leading tokens evaluated as whole ubatches of a prompt: reusable exactly
+    scores: list[PositionLogprobs] = field(default_factory=list)  # prompt scores of tokens[1:], as far as known
+    score_key: tuple | None = None
+    rows: dict[int, np.ndarray] = field(default_factory=dict)  # logits rows kept at ubatch ends, by position
+    sequence: Sequence | None = None
+    next_token: int | None = None  # sampled, to be decoded at position len(tokens)
+    last_used: int = 0
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        self.aligned = min(self.aligned, n)
+        del self.scores[max(n - 1, 0) :]
+        self.rows = {p: r for p, r in self.rows.items() if p < n}
+
+
 class Engine:
-    """One GGUF model loaded in llama.cpp. Not thread-safe: the server (`app.in_engine`) runs one call at a time."""
+    """One GGUF model loaded in llama.cpp, serving `n_slots` sequences at once from a scheduler thread.
+
+    `submit` is thread-safe; tokenization, detokenization and chat rendering touch only the vocabulary and may run
+    on any thread.
+    """
 
     def __init__(
         self,
@@ -134,12 +229,13 @@ class Engine:
         n_ctx: int,
         chat_template: str | None = None,
         n_threads: int | None = None,
+        n_slots: int = DEFAULT_SLOTS,
         n_batch: int = 512,
         n_ubatch: int = N_UBATCH,
     ):
         self.llm = load_without_weight_repacking(
             model_path=str(model_path),
-            n_ctx=n_ctx,
+            n_ctx=n_batch,  # this context is replaced below; Llama caps n_batch at n_ctx
             n_batch=n_batch,
             n_ubatch=n_ubatch,
             # The cores this process may use (a container's share, not the host's count).
@@ -147,15 +243,23 @@ class Engine:
             logits_all=False,
             verbose=False,
         )
+        self.llm._ctx.close()
         self.model = self.llm._model
-        self.ctx = self.llm._ctx
+        # Llama's own context parameters (those of the tests' reference evaluation), with one KV stream per slot of
+        # n_ctx cells each.
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
+        params.n_ctx = n_ctx * n_slots
+        params.n_seq_max = n_slots
+        params.kv_unified = False
+        self.ctx = LlamaContext(model=self.model, params=params, verbose=False)
         self.vocab = self.model.vocab
-        self.n_ctx = self.llm.n_ctx()
+        self.n_ctx = self.ctx.n_ctx() // n_slots
         self.n_batch = n_batch
         self.n_ubatch = n_ubatch
         self.n_vocab = self.model.n_vocab()
-        self.batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1)
+        self.batch = LlamaBatch(n_tokens=max(n_batch, n_slots), embd=0, n_seq_max=1)
         self.tokens_evaluated = 0
+        self.tokens_generated = 0
         self._pieces: dict[int, bytes] = {}
         template = chat_template or self.llm.metadata.get("tokenizer.chat_template")
         self.chat_template = (
@@ -163,6 +267,11 @@ class Engine:
             if template
             else None
         )
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self._pending: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._clock = 0
+        threading.Thread(target=self._serve, daemon=True, name="engine-scheduler").start()
 
     # Tokens and text
 
@@ -222,53 +331,15 @@ class Engine:
         except Exception as e:  # the converter raises bare Exceptions and KeyErrors on bad schemas
             raise EngineError(f"invalid json_schema: {type(e).__name__}: {e}") from None
 
-    # Evaluation
+    # Requests
 
-    def _decode(self, tokens: list[int], start: int, all_logits: bool) -> None:
-        self.batch.set_batch(tokens, start, all_logits)
-        self.ctx.decode(self.batch)
-        self.tokens_evaluated += len(tokens)
+    def submit(
+        self, prompts: list[tuple[list[int], Sampling]], prompt_logprobs: bool, top_k: int | None, want_rank: bool
+    ) -> Job:
+        """Queue one request: each prompt scored (if `prompt_logprobs`) and continued with its own sampling.
 
-    def _row(self, index: int) -> np.ndarray:
-        return np.ctypeslib.as_array(self.ctx.get_logits_ith(index), shape=(self.n_vocab,))
-
-    @staticmethod
-    def _logprobs(row: np.ndarray, token: int, top_k: int | None, want_rank: bool) -> PositionLogprobs:
-        peak = float(row.max())
-        log_norm = peak + float(np.log(np.sum(np.exp(row - peak), dtype=np.float64)))
-        result = PositionLogprobs(logprob=float(row[token]) - log_norm)
-        if want_rank:
-            result.rank = int(np.count_nonzero(row > row[token])) + 1
-        if top_k:
-            top = np.argpartition(row, -top_k)[-top_k:]
-            top = top[np.argsort(-row[top], kind="stable")]
-            result.top = [(int(t), float(row[t]) - log_norm) for t in top]
-        return result
-
-    def _evaluate(
-        self, tokens: list[int], start: int, next_tokens: list[int], top_k: int | None, want_rank: bool
-    ) -> list[PositionLogprobs]:
-        """Evaluate `tokens` at positions start.., scoring each position's row against `next_tokens[i]`.
-
-        Afterwards the context's last output row predicts the token after `tokens`.
-        """
-        scores: list[PositionLogprobs] = []
-        want_rows = bool(next_tokens)
-        for offset in range(0, len(tokens), self.n_batch):
-            chunk = tokens[offset : offset + self.n_batch]
-            self._decode(chunk, start + offset, want_rows)
-            if want_rows:
-                for i in range(len(chunk)):
-                    k = offset + i
-                    if k < len(next_tokens):
-                        scores.append(self._logprobs(self._row(i), next_tokens[k], top_k, want_rank))
-        return scores
-
-    def run(
-        self, prompts: list[list[int]], prompt_logprobs: bool, top_k: int | None, sampling: Sampling
-    ) -> list[Result]:
-        """Score and/or continue each prompt."""
-        for prompt in prompts:
+        Prompts are checked here, on the caller's thread, so a bad request fails before it waits for the engine."""
+        for prompt, sampling in prompts:
             if not prompt:
                 raise EngineError("a prompt is empty: nothing to evaluate")
             self.check_token_ids(prompt)
@@ -278,50 +349,170 @@ class Engine:
                     f"{len(prompt) + sampling.max_tokens} tokens ({len(prompt)} in the prompt, "
                     f"{sampling.max_tokens} for the completion). Shorten the prompt or lower max_tokens."
                 )
-        want_rank = prompt_logprobs
-        n_shared = self._aligned_shared_prefix(prompts)
-        self.ctx.kv_cache_clear()
-        shared_scores: list[PositionLogprobs] = []
-        last_row = None
-        if n_shared:
-            prefix = prompts[0][:n_shared]
-            shared_scores = self._evaluate(prefix, 0, prefix[1:] if prompt_logprobs else [], top_k, want_rank)
-            # Kept because each prompt's own evaluation overwrites the output buffer it lives in.
-            last_row = self._row(-1).copy()
-        results: list[Result] = []
-        for prompt in prompts:
-            self.ctx.kv_cache_seq_rm(0, n_shared, -1)
-            scores = list(shared_scores)
-            rest = prompt[n_shared:]  # never empty: see _aligned_shared_prefix
-            if prompt_logprobs and last_row is not None:
-                scores.append(self._logprobs(last_row, rest[0], top_k, want_rank))
-            scores.extend(self._evaluate(rest, n_shared, rest[1:] if prompt_logprobs else [], top_k, want_rank))
-            output_ids, text, output_logprobs, finish = self._generate(len(prompt), sampling)
-            results.append(
-                Result(
-                    prompt_ids=prompt,
-                    prompt_logprobs=[None, *scores] if prompt_logprobs else None,
-                    output_ids=output_ids,
-                    output_text=text,
-                    output_logprobs=output_logprobs,
-                    finish_reason=finish,
-                )
-            )
-        return results
+        job = Job()
+        for prompt, sampling in prompts:
+            sampler = self._sampler(sampling)
+            job.sequences.append(Sequence(prompt, prompt_logprobs, top_k, want_rank, sampling, sampler, job))
+        job._remaining = len(job.sequences)
+        if not job.sequences:
+            job.future.set_result([])
+        with self._wake:
+            self._pending.extend(job.sequences)
+            self._wake.notify()
+        return job
 
-    def _aligned_shared_prefix(self, prompts: list[list[int]]) -> int:
-        """How many leading tokens to evaluate once for all prompts: their common prefix, cut back to a ubatch
-        boundary and short of the shortest prompt.
+    def _serve(self) -> None:
+        """The scheduler: admit waiting prompts into free slots, then one decode step for all generating slots."""
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._pending or any(s.sequence for s in self.slots))
+            for slot in self.slots:
+                if slot.sequence is not None and slot.sequence.job.cancelled:
+                    slot.sequence.sampler.close()
+                    slot.sequence = slot.next_token = None
+            while True:
+                slot = next((s for s in self.slots if s.sequence is None), None)
+                with self._wake:
+                    sequence = self._pending.popleft() if self._pending and slot is not None else None
+                if sequence is None:
+                    break
+                if not sequence.job.cancelled:
+                    self._guarded(sequence, self._admit, sequence)
+            generating = [s for s in self.slots if s.sequence is not None]
+            if generating:
+                try:
+                    self._step(generating)
+                except Exception as e:  # noqa: BLE001 - every request in the step learns why
+                    for slot in generating:
+                        if slot.sequence is not None:
+                            slot.sequence.job.fail(e)
+                            self._reset(slot)
 
-        llama.cpp evaluates a batch in ubatches of `n_ubatch` tokens, and quantized CPU kernels give slightly
-        different logits for the same token in a different ubatch. Cutting the shared part at a ubatch boundary
-        makes every prompt's remaining tokens go through exactly the ubatches they would if the prompt were
-        evaluated alone, so a shared-prefix score equals a single-prompt score bit for bit. Each prompt keeps at
-        least one token of its own, whose evaluation yields the row its generation starts from.
-        """
-        common = _common_prefix_length(prompts) if len(prompts) > 1 else len(prompts[0])
-        shortest = min(len(p) for p in prompts)
-        return (min(common, shortest - 1) // self.n_ubatch) * self.n_ubatch
+    def _guarded(self, sequence: Sequence, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - the request learns why; the engine serves on
+            sequence.job.fail(e)
+            for slot in self.slots:
+                if slot.sequence is sequence:
+                    self._reset(slot)
+
+    def _reset(self, slot: Slot) -> None:
+        self.ctx.kv_cache_seq_rm(slot.id, 0, -1)
+        slot.truncate(0)
+        slot.sequence = slot.next_token = None
+
+    # Slots and prefix reuse
+
+    def _reusable(self, slot: Slot, sequence: Sequence) -> int:
+        """How many leading tokens of the sequence's prompt the slot's cache can stand in for, exactly: the common
+        prefix, within what the slot evaluated in whole prompt ubatches, short of the prompt's last token (whose
+        evaluation yields the row generation starts from), cut back to a ubatch boundary. A scored prompt also
+        needs the slot's scores of that prefix and the logits row at its end."""
+        prompt = sequence.prompt
+        n = min(_common_prefix_length([slot.tokens, prompt]) if slot.tokens else 0, len(prompt) - 1, slot.aligned)
+        n -= n % self.n_ubatch
+        if sequence.prompt_logprobs:
+            if slot.score_key != sequence.score_key:
+                return 0
+            while n and ((n - 1) not in slot.rows or len(slot.scores) < n - 1):
+                n -= self.n_ubatch
+        return n
+
+    def _admit(self, sequence: Sequence) -> None:
+        """Evaluate the prompt in a free slot, reusing the longest exact prefix any slot holds, and sample."""
+        free = [s for s in self.slots if s.sequence is None]
+        slot = max(free, key=lambda s: (self._reusable(s, sequence), -s.last_used))
+        slot.sequence = sequence
+        reuse = self._reusable(slot, sequence)
+        source = max(self.slots, key=lambda s: self._reusable(s, sequence))
+        if source is not slot and self._reusable(source, sequence) >= reuse + 2 * self.n_ubatch:
+            # A running sequence's stream holds more of the prompt (the other samples of one request): copy the
+            # whole stream (llama.cpp copies across streams only whole) rather than evaluate the prefix again.
+            self.ctx.kv_cache_seq_cp(source.id, slot.id, -1, -1)
+            reuse = self._reusable(source, sequence)
+            slot.tokens, slot.aligned = list(source.tokens), source.aligned
+            slot.scores, slot.score_key, slot.rows = list(source.scores), source.score_key, dict(source.rows)
+        self._clock += 1
+        slot.last_used = self._clock
+        self.ctx.kv_cache_seq_rm(slot.id, reuse, -1)
+        slot.truncate(reuse)
+        prompt = sequence.prompt
+        if sequence.prompt_logprobs:
+            sequence.scores = list(slot.scores)
+            if reuse:
+                sequence.scores.append(self._logprobs(slot.rows[reuse - 1], prompt[reuse], sequence))
+            slot.score_key = sequence.score_key
+        for offset in range(reuse, len(prompt), self.n_batch):
+            chunk = prompt[offset : offset + self.n_batch]
+            self._decode([(t, offset + i, slot.id) for i, t in enumerate(chunk)], all_logits=sequence.prompt_logprobs)
+            slot.tokens.extend(chunk)
+            if sequence.prompt_logprobs:
+                for i in range(len(chunk)):
+                    position = offset + i
+                    if position + 1 < len(prompt):
+                        row = self._row(i)
+                        sequence.scores.append(self._logprobs(row, prompt[position + 1], sequence))
+                        if (position + 1) % self.n_ubatch == 0:
+                            # Kept for a later prompt that shares this prefix: its first own token is scored here.
+                            slot.rows[position] = row.copy()
+        slot.aligned = len(prompt) - len(prompt) % self.n_ubatch
+        if sequence.prompt_logprobs:
+            slot.scores = list(sequence.scores)
+        self._next(slot, -1)
+
+    # Evaluation
+
+    def _decode(self, entries: list[tuple[int, int, int]], all_logits: bool) -> None:
+        """One llama.cpp decode of (token, position, slot) entries; logits for every entry or only the last."""
+        batch = self.batch.batch
+        for i, (token, position, seq_id) in enumerate(entries):
+            batch.token[i], batch.pos[i] = token, position
+            batch.seq_id[i][0], batch.n_seq_id[i] = seq_id, 1
+            batch.logits[i] = all_logits or i == len(entries) - 1
+        batch.n_tokens = len(entries)
+        self.ctx.decode(self.batch)
+        self.tokens_evaluated += len(entries)
+
+    def _row(self, index: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self.ctx.get_logits_ith(index), shape=(self.n_vocab,))
+
+    @staticmethod
+    def _logprobs(row: np.ndarray, token: int, sequence: Sequence) -> PositionLogprobs:
+        return _position_logprobs(row, token, sequence.top_k, sequence.want_rank)
+
+    def _step(self, generating: list[Slot]) -> None:
+        """One token for every generating slot in one decode, each slot's token in its own stream."""
+        self._decode([(s.next_token, len(s.tokens), s.id) for s in generating], all_logits=True)
+        for index, slot in enumerate(generating):
+            slot.tokens.append(slot.next_token)
+            self._next(slot, index)
+
+    def _next(self, slot: Slot, index: int) -> None:
+        """Sample the slot's next token from output row `index`; finish the sequence or queue the token."""
+        sequence, sampling = slot.sequence, slot.sequence.sampling
+        slot.next_token = None
+        if len(sequence.output) >= sampling.max_tokens or len(slot.tokens) >= self.n_ctx:
+            slot.sequence = None
+            return sequence.finish("length")
+        token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx.ctx, index)
+        if sampling.logprobs is not None:
+            sequence.output_logprobs.append(_position_logprobs(self._row(index), token, sampling.logprobs, False))
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            slot.sequence = None
+            return sequence.finish("stop")
+        sequence.output.append(token)
+        self.tokens_generated += 1
+        sequence.raw += self.piece(token)
+        text = sequence.raw.decode("utf-8", errors="ignore")
+        hit = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+        if hit >= 0:
+            slot.sequence = None
+            return sequence.finish("stop", text[:hit])
+        if len(sequence.output) >= sampling.max_tokens:
+            slot.sequence = None
+            return sequence.finish("length")
+        slot.next_token = token
 
     def _sampler(self, sampling: Sampling) -> LlamaSampler:
         sampler = LlamaSampler()
@@ -337,30 +528,15 @@ class Engine:
             sampler.add_dist(seed & 0xFFFFFFFF)
         return sampler
 
-    def _generate(self, position: int, sampling: Sampling) -> tuple[list[int], str, list[PositionLogprobs], str]:
-        """Sample up to max_tokens after a prompt whose last logits row is the context's last output."""
-        if sampling.max_tokens == 0:
-            return [], "", [], "length"
-        sampler = self._sampler(sampling)
-        output: list[int] = []
-        logprobs: list[PositionLogprobs] = []
-        raw = b""
-        finish = "length"
-        while len(output) < sampling.max_tokens and position < self.n_ctx:
-            row = self._row(-1)
-            token = llama_cpp.llama_sampler_sample(sampler.sampler, self.ctx.ctx, -1)
-            if sampling.logprobs is not None:
-                logprobs.append(self._logprobs(row, token, sampling.logprobs, False))
-            if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-                finish = "stop"
-                break
-            output.append(token)
-            raw += self.piece(token)
-            text = raw.decode("utf-8", errors="ignore")
-            hit = min((text.find(s) for s in sampling.stop if s in text), default=-1)
-            if hit >= 0:
-                return output, text[:hit], logprobs, "stop"
-            if len(output) < sampling.max_tokens:
-                self._decode([token], position, False)
-                position += 1
-        return output, raw.decode("utf-8", errors="ignore"), logprobs, finish
+
+def _position_logprobs(row: np.ndarray, token: int, top_k: int | None, want_rank: bool) -> PositionLogprobs:
+    peak = float(row.max())
+    log_norm = peak + float(np.log(np.sum(np.exp(row - peak), dtype=np.float64)))
+    result = PositionLogprobs(logprob=float(row[token]) - log_norm)
+    if want_rank:
+        result.rank = int(np.count_nonzero(row > row[token])) + 1
+    if top_k:
+        top = np.argpartition(row, -top_k)[-top_k:]
+        top = top[np.argsort(-row[top], kind="stable")]
+        result.top = [(int(t), float(row[t]) - log_norm) for t in top]
+    return result

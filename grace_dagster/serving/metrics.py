@@ -7,9 +7,9 @@ HELP = {
     "grace_server_requests_total": "HTTP requests served, by route and status code.",
     "grace_server_errors_total": "Requests that ended in an error response, by route and status code.",
     "grace_server_prompt_tokens_total": "Prompt tokens received.",
-    "grace_server_generation_tokens_total": "Tokens generated.",
-    "grace_server_tokens_evaluated_total": "Tokens evaluated by the engine (shared prefixes count once).",
-    "grace_server_abandoned_total": "Requests dropped unserved because their client disconnected while they waited.",
+    "grace_server_generation_tokens_total": "Tokens generated, also for requests whose client left before the answer.",
+    "grace_server_tokens_evaluated_total": "Tokens the engine evaluated (a prefix reused from its cache counts once).",
+    "grace_server_abandoned_total": "Requests cancelled because their client disconnected before the answer was ready.",
 }
 
 

@@ -44,6 +44,7 @@ def serve(
     parent_pid: int | None = None,
     structured_output: str = "json_schema",
     api_key_env: str | None = None,
+    parallel: int | None = None,
 ) -> None:
     """Load the model, bind the port, then announce readiness.
 
@@ -57,7 +58,15 @@ def serve(
     if not isinstance(model.serving, EmbeddedServing):
         raise SystemExit(f"model {slug!r} is served by {model.serving.backend}, not by the embedded server")
     path = gguf_path(model)
-    engine = Engine(path, n_ctx=model.serving.context_length, chat_template=model.serving.chat_template)
+    if parallel is not None and parallel < 1:
+        raise SystemExit(f"--parallel {parallel}: give at least 1")
+    engine = Engine(
+        path,
+        n_ctx=model.serving.context_length,
+        chat_template=model.serving.chat_template,
+        # As many sequences at once as a run keeps in flight to the model.
+        n_slots=parallel or model.serving.max_concurrency,
+    )
     app = create_app(
         engine,
         model.served_name,
