@@ -387,4 +387,11 @@ def test_generation_respects_stop_and_max_tokens(servers):
         for _ in range(2)
     ]
     assert same_seed[0] == same_seed[1], "a seed makes sampling reproducible"
+    chat = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0}
+    short = httpx.post(f"{server.base_url}/v1/chat/completions", json={**chat, "max_tokens": 64}, timeout=60).json()
+    assert short["choices"][0]["finish_reason"] == "stop", "the answer ends before the limit"
+    forced = httpx.post(
+        f"{server.base_url}/v1/chat/completions", json={**chat, "max_tokens": 64, "ignore_eos": True}, timeout=60
+    ).json()
+    assert forced["usage"]["completion_tokens"] == 64, "ignore_eos generates to max_tokens, as on vLLM"
     assert limited["usage"]["total_tokens"] == limited["usage"]["prompt_tokens"] + 3

@@ -49,6 +49,8 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = None
     # Several samples per prompt; as on vLLM, sample i is seeded with seed + i, so each is reproducible on its own.
     n: int = Field(default=1, ge=1)
+    # vLLM's and llama-server's: generate past end-of-sequence to max_tokens (benchmarks compare equal work).
+    ignore_eos: bool = False
     response_format: ResponseFormat | None = None
 
     @property

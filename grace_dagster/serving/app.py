@@ -241,6 +241,7 @@ def create_app(
             seed=req.seed,
             stop=req.stop_list,
             logprobs=req.logprobs,
+            ignore_eos=req.ignore_eos,
         )
 
         def submit() -> Job:
@@ -251,9 +252,7 @@ def create_app(
             return engine.submit(sequences, want_prompt_logprobs, top_k, want_rank=req.prompt_logprobs is not None)
 
         results = await answer(request, await in_thread(submit))
-        choices = [
-            _completion_choice(engine, i, texts[i // req.n], result, req) for i, result in enumerate(results)
-        ]
+        choices = [_completion_choice(engine, i, texts[i // req.n], result, req) for i, result in enumerate(results)]
         prompt_tokens = sum(len(c[1].prompt_ids) for c in choices[:: req.n])  # each prompt once, as vLLM counts
         completion_tokens = sum(len(c[1].output_ids) for c in choices)
         metrics.inc("grace_server_prompt_tokens_total", prompt_tokens)
@@ -291,6 +290,7 @@ def create_app(
                 stop=req.stop_list,
                 grammar=grammar,
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                ignore_eos=req.ignore_eos,
             )
             sequences = [(ids, replace(sampling, seed=seed)) for seed in _seeds(req.seed, req.n)]
             return engine.submit(sequences, prompt_logprobs=False, top_k=None, want_rank=False)

@@ -85,6 +85,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None  # GBNF
     logprobs: int | None = None  # top-k for generated tokens; None: no logprobs
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -498,7 +499,7 @@ class Engine:
         token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx.ctx, index)
         if sampling.logprobs is not None:
             sequence.output_logprobs.append(_position_logprobs(self._row(index), token, sampling.logprobs, False))
-        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token) and not sampling.ignore_eos:
             slot.sequence = None
             return sequence.finish("stop")
         sequence.output.append(token)
