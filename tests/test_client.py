@@ -116,11 +116,13 @@ def test_a_request_whose_client_gave_up_is_dropped_queued_or_running(servers):
     async def main():
         async with httpx.AsyncClient(base_url=url) as http:
             served = [asyncio.ensure_future(http.post("/v1/completions", json=body, timeout=120)) for _ in range(3)]
+            await asyncio.sleep(0.5)  # the three hold three slots
+            running = asyncio.ensure_future(http.post("/v1/completions", json=body, timeout=1.5))
+            await asyncio.sleep(0.3)  # and this one the fourth, so the next waits in the queue
             with pytest.raises(httpx.ReadTimeout):
-                await asyncio.gather(
-                    http.post("/v1/completions", json=body, timeout=1.0),
-                    http.post("/v1/completions", json={**body, "max_tokens": 8}, timeout=1.0),
-                )
+                await http.post("/v1/completions", json={**body, "max_tokens": 8}, timeout=1.0)
+            with pytest.raises(httpx.ReadTimeout):
+                await running
             return [(await reply).json() for reply in served]
 
     replies = asyncio.run(main())
