@@ -55,9 +55,9 @@ Weights = Annotated[PypiWeights | HuggingFaceWeights | ApiWeights, Field(discrim
 
 
 # Requests one run keeps in flight to a model (the client's concurrency), per backend unless the entry sets its own.
-# The embedded server decodes as many sequences together as this (its KV slots); four on 2 cores generate about
-# three times as fast as one (benchmarks/bench_embedded_server.py). vLLM batches continuously and needs dozens in
-# flight to keep a GPU busy (the NRP flags GPU pods below 40% utilisation).
+# The embedded server decodes as many sequences together as this (its KV slots); four in flight generate 1.4x
+# (SmolLM2) to 2x (Gemma) the tokens per second of one on 2 cores (benchmarks/bench_embedded_server.py). vLLM
+# batches continuously and needs dozens in flight to keep a GPU busy (the NRP flags GPU pods below 40% utilisation).
 EMBEDDED_CONCURRENCY = 4
 VLLM_CONCURRENCY = 64
 EXTERNAL_CONCURRENCY = 4

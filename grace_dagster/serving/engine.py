@@ -16,7 +16,9 @@ on an empty cache, and each slot has its own KV stream, so attention never sees 
 keeps what it evaluated; a new prompt reuses the longest prefix it shares with a slot's cache (the answer options of
 one question, the scenario of a trial), cut back to a ubatch boundary, so the rest still goes through the ubatches of
 a lone evaluation and its scores equal single-prompt scores bit for bit. Only the decode steps batch sequences
-together; `benchmarks/bench_embedded_server.py` measures what that changes in generated tokens (nothing, here).
+together, one token per sequence each in its own stream; seeded samples come out the same tokens with the same
+log-probabilities alone or batched (tests/test_server.py, both local models). The price of this rule: a prompt is
+never evaluated in the same ubatch as other sequences' tokens, as llama-server does (see README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaSampler
 # Tokens per llama.cpp ubatch. Small enough that a shared prefix cut at a ubatch boundary leaves little to
 # re-evaluate per prompt; measured here to cost nothing in prompt throughput against 512.
 N_UBATCH = 32
-# Sequences served at once (KV streams). Four decode together at little more than the cost of one on 2 cores.
+# Sequences served at once (KV streams). On 2 cores a decode step of four costs about twice one of a single sequence.
 DEFAULT_SLOTS = 4
 
 
