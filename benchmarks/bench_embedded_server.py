@@ -129,8 +129,12 @@ def study_trials(n: int):
 def render(url: str, served: str, kind: str, messages: list[dict]) -> str:
     if kind == "base":
         return prompting.plain_text(messages)
-    tokens = httpx.post(f"{url}/tokenize", json={"model": served, "messages": messages}).json()["tokens"]
-    return httpx.post(f"{url}/detokenize", json={"model": served, "tokens": tokens}).json()["prompt"]
+
+    async def chat() -> str:
+        async with LLMClient(url, served) as client:
+            return await client.render_chat(messages)
+
+    return asyncio.run(chat())
 
 
 def answer_bodies(url: str, served: str, kind: str, trials) -> list[dict]:

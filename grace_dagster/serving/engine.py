@@ -424,16 +424,17 @@ class Engine:
 
     def _admit(self, sequence: Sequence) -> None:
         """Evaluate the prompt in a free slot, reusing the longest exact prefix any slot holds, and sample."""
+        reusable = {s.id: self._reusable(s, sequence) for s in self.slots}
         free = [s for s in self.slots if s.sequence is None]
-        slot = max(free, key=lambda s: (self._reusable(s, sequence), -s.last_used))
+        slot = max(free, key=lambda s: (reusable[s.id], -s.last_used))
         slot.sequence = sequence
-        reuse = self._reusable(slot, sequence)
-        source = max(self.slots, key=lambda s: self._reusable(s, sequence))
-        if source is not slot and self._reusable(source, sequence) >= reuse + 2 * self.n_ubatch:
+        reuse = reusable[slot.id]
+        source = max(self.slots, key=lambda s: reusable[s.id])
+        if source is not slot and reusable[source.id] >= reuse + 2 * self.n_ubatch:
             # A running sequence's stream holds more of the prompt (the other samples of one request): copy the
             # whole stream (llama.cpp copies across streams only whole) rather than evaluate the prefix again.
             self.ctx.kv_cache_seq_cp(source.id, slot.id, -1, -1)
-            reuse = self._reusable(source, sequence)
+            reuse = reusable[source.id]
             slot.tokens, slot.aligned = list(source.tokens), source.aligned
             slot.scores, slot.score_key, slot.rows = list(source.scores), source.score_key, dict(source.rows)
         self._clock += 1
