@@ -161,6 +161,9 @@ class Sequence:
     def score_key(self) -> tuple:
         return self.top_k, self.want_rank
 
+    def score(self, row: np.ndarray, token: int) -> PositionLogprobs:
+        return _position_logprobs(row, token, self.top_k, self.want_rank)
+
     def finish(self, reason: str, text: str | None = None) -> None:
         self.result = Result(
             prompt_ids=self.prompt,
@@ -380,30 +383,26 @@ class Engine:
                 if sequence is None:
                     break
                 if not sequence.job.cancelled:
-                    self._guarded(sequence, self._admit, sequence)
+                    try:
+                        self._admit(sequence)
+                    except Exception as e:  # noqa: BLE001 - the request learns why; the engine serves on
+                        sequence.job.fail(e)
+                        self._fail([s for s in self.slots if s.sequence is sequence], e)
             generating = [s for s in self.slots if s.sequence is not None]
             if generating:
                 try:
                     self._step(generating)
                 except Exception as e:  # noqa: BLE001 - every request in the step learns why
-                    for slot in generating:
-                        if slot.sequence is not None:
-                            slot.sequence.job.fail(e)
-                            self._reset(slot)
+                    self._fail(generating, e)
 
-    def _guarded(self, sequence: Sequence, fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001 - the request learns why; the engine serves on
-            sequence.job.fail(e)
-            for slot in self.slots:
-                if slot.sequence is sequence:
-                    self._reset(slot)
-
-    def _reset(self, slot: Slot) -> None:
-        self.ctx.kv_cache_seq_rm(slot.id, 0, -1)
-        slot.truncate(0)
-        slot.sequence = slot.next_token = None
+    def _fail(self, slots: list[Slot], error: Exception) -> None:
+        """Fail the requests of these slots and empty the slots, whose caches are no longer known to be right."""
+        for slot in slots:
+            if slot.sequence is not None:
+                slot.sequence.job.fail(error)
+            self.ctx.kv_cache_seq_rm(slot.id, 0, -1)
+            slot.truncate(0)
+            slot.sequence = slot.next_token = None
 
     # Slots and prefix reuse
 
@@ -445,7 +444,7 @@ class Engine:
         if sequence.prompt_logprobs:
             sequence.scores = list(slot.scores)
             if reuse:
-                sequence.scores.append(self._logprobs(slot.rows[reuse - 1], prompt[reuse], sequence))
+                sequence.scores.append(sequence.score(slot.rows[reuse - 1], prompt[reuse]))
             slot.score_key = sequence.score_key
         for offset in range(reuse, len(prompt), self.n_batch):
             chunk = prompt[offset : offset + self.n_batch]
@@ -456,7 +455,7 @@ class Engine:
                     position = offset + i
                     if position + 1 < len(prompt):
                         row = self._row(i)
-                        sequence.scores.append(self._logprobs(row, prompt[position + 1], sequence))
+                        sequence.scores.append(sequence.score(row, prompt[position + 1]))
                         if (position + 1) % self.n_ubatch == 0:
                             # Kept for a later prompt that shares this prefix: its first own token is scored here.
                             slot.rows[position] = row.copy()
@@ -480,10 +479,6 @@ class Engine:
 
     def _row(self, index: int) -> np.ndarray:
         return np.ctypeslib.as_array(self.ctx.get_logits_ith(index), shape=(self.n_vocab,))
-
-    @staticmethod
-    def _logprobs(row: np.ndarray, token: int, sequence: Sequence) -> PositionLogprobs:
-        return _position_logprobs(row, token, sequence.top_k, sequence.want_rank)
 
     def _step(self, generating: list[Slot]) -> None:
         """One token for every generating slot in one decode, each slot's token in its own stream."""
