@@ -6,7 +6,9 @@ question context. vLLM 0.32 can instead return the log-probabilities of chosen t
 (`logprob_token_ids`, raw log-softmax of the model's logits), which reads the cache like any generation. So each
 option token is scored as the next token after the context plus the option's earlier tokens: one prompt per distinct
 prefix, all of them starting with the cached context, in one request. The sum over an option's tokens is the same
-quantity `score_options` computes, from the same canonical tokenization of context + option; tested against it.
+quantity `score_options` computes, from the same canonical tokenization of context + option; tested against it in
+float32 (in bfloat16 vLLM's CPU kernels are not batch-invariant, and either path moves by tenths of a nat with the
+batch it lands in).
 
 What it costs: more, shorter prompts (one per option token instead of one per option), and vLLM caches whole
 blocks only (16 tokens on a GPU, 128 on a CPU by default), so each prompt still evaluates the tail of the context
