@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import load_note, machine, tokens_evaluated
+from benchmarks.common import REPO, commit_tree, load_note, machine, tokens_evaluated
 from grace_dagster.assets.common import trial_seed
 from grace_dagster.llm import LLMClient, prompting
 from grace_dagster.registry import load_registry
@@ -48,7 +47,6 @@ from grace_dagster.serving.process import server_environment
 from grace_dagster.serving.weights import gguf_path
 from grace_dagster.studies import STUDIES
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "embedded_server.json"
 MODELS = ["smollm2-135m", "gemma3-270m"]
 STUDY = "study2"
@@ -249,12 +247,6 @@ def engine_rates(gguf: Path, context_length: int) -> dict:
     }
 
 
-def worktree(rev: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix="grace-before-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=REPO, check=True, capture_output=True)
-    return path
-
-
 def bench_model(model, trials, questions, before: tuple[str, Path] | None) -> dict:
     gguf, ctx, served, kind = gguf_path(model), model.serving.context_length, model.served_name, model.kind
     print(f"{model.slug}: the engine's limit", flush=True)
@@ -331,7 +323,6 @@ def main() -> None:
     registry = load_registry()
     trials = study_trials(args.trials)
     questions = [q for t in trials.itertuples(index=False) for q in STUDIES[STUDY].exp2_questions(t)]
-    before = (args.before, worktree(args.before)) if args.before else None
     load = os.getloadavg()
     result = {
         "machine": machine(),
@@ -340,13 +331,10 @@ def main() -> None:
         "questions": len(questions),
         "models": {},
     }
-    try:
+    with contextlib.ExitStack() as stack:
+        before = (args.before, stack.enter_context(commit_tree(args.before))) if args.before else None
         for slug in args.models:
             result["models"][slug] = bench_model(registry.get(slug), trials, questions, before)
-    finally:
-        if before:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before[1])], cwd=REPO, check=False)
-            shutil.rmtree(before[1], ignore_errors=True)
     result["load"] = load_note(load)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({slug: m["ratios"] for slug, m in result["models"].items()}, indent=2))

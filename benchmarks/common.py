@@ -1,10 +1,18 @@
 """Helpers shared by the benchmarks: machine description, server metrics, medians."""
 
+import contextlib
 import os
 import platform
 import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
@@ -28,3 +36,16 @@ def load_note(start: tuple[float, float, float]) -> str:
     """The machine's load around a run (other processes share its cores): 1-minute load average before and after."""
     end = os.getloadavg()
     return f"1-min load average {start[0]:.1f} before, {end[0]:.1f} after, on {os.cpu_count()} cores"
+
+
+@contextlib.contextmanager
+def commit_tree(rev: str) -> Iterator[Path]:
+    """A work tree of an earlier commit, to run the code before a change next to the code after it. Modules run with
+    `python -m` from it import its own `grace_dagster` (the working directory comes first on sys.path)."""
+    path = Path(tempfile.mkdtemp(prefix="grace-before-"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=REPO, check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, check=False)
+        shutil.rmtree(path, ignore_errors=True)
