@@ -15,11 +15,12 @@ import yaml
 from llama_cpp import Llama
 
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
-from grace_dagster.serving.engine import N_UBATCH, load_without_weight_repacking
+from grace_dagster.serving.engine import N_UBATCH, evaluation_cuts, load_without_weight_repacking
 from grace_dagster.serving.process import EmbeddedServer
 from grace_dagster.serving.weights import gguf_path
 from tests.chat_templates import GEMMA_TURNS
 from tests.conftest import LOCAL_MODELS, SERVED_NAMES
+from tests.pipeline import server_counter
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +63,15 @@ def model_and_reference(request, servers):
     reference.close()
 
 
-def _reference_logprobs(reference: Llama, tokens: list[int]) -> list[float]:
+def _reference_logprobs(reference: Llama, tokens: list[int], cuts: list[int] | None = None) -> list[float]:
+    """llama.cpp's log-probabilities of the prompt, evaluated in the ubatches of a lone evaluation on the server
+    (`evaluation_cuts`), or in one `eval` (32-token ubatches from the start) when `cuts` is [len(tokens)]."""
     reference.reset()
     reference._ctx.kv_cache_clear()
-    reference.eval(tokens)
+    start = 0
+    for end in cuts or evaluation_cuts(tokens, reference._model.vocab, N_UBATCH):
+        reference.eval(tokens[start:end])
+        start = end
     scores = reference.scores[: len(tokens)]
     return [float(_log_softmax(scores[i - 1])[tokens[i]]) for i in range(1, len(tokens))]
 
@@ -121,6 +127,55 @@ def test_shared_prefix_prompts_score_exactly_like_separate_evaluations(model_and
         expected = _reference_logprobs(reference, tokens)
         worst = max(worst, float(np.max(np.abs(np.array(served) - np.array(expected)))))
     print(f"\n{slug}: shared-prefix vs one-shot evaluation, max per-token difference {worst:.2e} nats")
+    assert worst < 1e-6
+
+
+# Each model's chat turns as its template writes them, and whether the text starts without the tokenizer's BOS (the
+# pipeline renders ChatML with its first <|im_start|> and sends it without BOS; Gemma's template starts with BOS).
+CHAT_TURNS = {
+    "smollm2-135m": ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n", False),
+    "gemma3-270m": ("<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>\n", True),
+}
+
+
+def test_answers_scored_after_a_chat_context_evaluate_only_their_own_turn(model_and_reference):
+    """A question rendered up to the assistant's turn and its answers, sent together as the pipeline scores them:
+    the context is evaluated once and each answer from the token after the turn's opening on (its header, its own
+    tokens), because a lone evaluation starts a ubatch there; each answer's scores equal llama.cpp's evaluation of
+    that answer's prompt alone, logits bit for bit."""
+    slug, server, reference = model_and_reference
+    turn, end_of_turn, add_bos = CHAT_TURNS[slug]
+    context = turn.format(" ".join(PROMPTS[:4]) + " Was the bread good?")  # past one ubatch, ending inside another
+    answers = [f"It {neg} {word}.{end_of_turn}" for neg in ("was", "wasn't") for word in ("bad", "good")]
+    prompts = [context] + [context + a for a in answers]
+    before = server_counter(server.base_url, "grace_server_tokens_evaluated_total")
+    body = httpx.post(
+        f"{server.base_url}/v1/completions",
+        json={
+            "model": SERVED_NAMES[slug],
+            "prompt": prompts,
+            "max_tokens": 1,
+            "prompt_logprobs": 0,
+            "add_special_tokens": add_bos,
+        },
+        timeout=120,
+    ).json()
+    evaluated = server_counter(server.base_url, "grace_server_tokens_evaluated_total") - before
+    tokens = [reference.tokenize(p.encode(), add_bos=add_bos, special=True) for p in prompts]
+    opening = evaluation_cuts(tokens[0], reference._model.vocab, N_UBATCH)[-2]
+    assert 0 < len(tokens[0]) - opening <= 3 and opening % N_UBATCH, "a cut in the assistant's header, off the grid"
+    assert evaluated == len(tokens[0]) + sum(len(t) - opening for t in tokens[1:])
+    worst, worst_vs_32 = 0.0, 0.0
+    for prompt_tokens, choice in zip(tokens, sorted(body["choices"], key=lambda c: c["index"])):
+        served = np.array([next(iter(p.values()))["logprob"] for p in choice["prompt_logprobs"][1:]])
+        worst = max(worst, np.max(np.abs(served - _reference_logprobs(reference, prompt_tokens))))
+        in_32 = _reference_logprobs(reference, prompt_tokens, [len(prompt_tokens)])
+        worst_vs_32 = max(worst_vs_32, np.max(np.abs(served - in_32)))
+    print(
+        f"\n{slug}: {evaluated:.0f} tokens evaluated for {len(prompts)} prompts of {sum(map(len, tokens))}; max "
+        f"difference from llama.cpp {worst:.2e} nats, from an evaluation in 32-token ubatches only {worst_vs_32:.2e}"
+    )
+    # Identical logits; what is left is the two sides' log-softmax arithmetic (float32 rows, float64 sums).
     assert worst < 1e-6
 
 

@@ -15,10 +15,13 @@ ubatch can get slightly different logits. So a prompt is always evaluated alone,
 on an empty cache, and each slot has its own KV stream, so attention never sees another sequence's cells. A slot
 keeps what it evaluated; a new prompt reuses the longest prefix it shares with a slot's cache (the answer options of
 one question, the scenario of a trial), cut back to a ubatch boundary, so the rest still goes through the ubatches of
-a lone evaluation and its scores equal single-prompt scores bit for bit. Only the decode steps batch sequences
-together, one token per sequence each in its own stream; seeded samples come out the same tokens with the same
-log-probabilities alone or batched (tests/test_server.py, both local models). The price of this rule: a prompt is
-never evaluated in the same ubatch as other sequences' tokens, as llama-server does (see README, Benchmarks).
+a lone evaluation and its scores equal single-prompt scores bit for bit. A lone evaluation's ubatches are 32 tokens
+from the start, and a chat prompt's last turn opens a new one (`evaluation_cuts`): a question rendered up to the
+assistant's turn and each answer scored after it then share every ubatch but the answer's own. Only the decode steps
+batch sequences together, one token per sequence each in its own stream; seeded samples come out the same tokens with
+the same log-probabilities alone or batched (tests/test_server.py, both local models). The price of this rule: a
+prompt is never evaluated in the same ubatch as other sequences' tokens, as llama-server does (see README,
+Benchmarks); llama.cpp's non-unified cache would split such a batch anyway, one token per stream per ubatch.
 """
 
 from __future__ import annotations
@@ -131,6 +134,30 @@ def _enforceable(schema):
     return out
 
 
+def evaluation_cuts(prompt: list[int], vocab, n_ubatch: int) -> list[int]:
+    """Where the ubatches of a prompt's lone evaluation end: every `n_ubatch` tokens, and right after the prompt's last
+    turn-opening token (a control token other than the first one and other than an end-of-generation token, e.g.
+    ChatML's <|im_start|> or Gemma's <start_of_turn>), counting again from there.
+
+    The cut is placed by the prompt alone, so a prompt's numbers never depend on what else is served. It lies in the
+    assistant's header, which a question's context ends with and every answer scored after it shares; without it the
+    context's end past its last 32-token boundary would be evaluated again with every answer."""
+    opening = next(
+        (
+            i + 1
+            for i in range(len(prompt) - 2, 0, -1)
+            if llama_cpp.llama_vocab_is_control(vocab, prompt[i]) and not llama_cpp.llama_vocab_is_eog(vocab, prompt[i])
+        ),
+        None,
+    )
+    starts = [0] if opening is None else [0, opening]
+    cuts = []
+    for start, end in zip(starts, [*starts[1:], len(prompt)]):
+        cuts.extend(range(start + n_ubatch, end, n_ubatch))
+        cuts.append(end)
+    return cuts
+
+
 def _common_prefix_length(prompts: list[list[int]]) -> int:
     first = prompts[0]
     n = min(len(p) for p in prompts)
@@ -145,6 +172,7 @@ class Sequence:
     """One prompt of a request, scored and/or continued, and its progress."""
 
     prompt: list[int]
+    cuts: list[int]  # evaluation_cuts(prompt)
     prompt_logprobs: bool
     top_k: int | None
     want_rank: bool
@@ -207,7 +235,7 @@ class Slot:
 
     id: int
     tokens: list[int] = field(default_factory=list)  # the stream's cells, position by position
-    aligned: int = 0  # leading tokens evaluated as whole ubatches of a prompt: reusable exactly
+    cuts: list[int] = field(default_factory=list)  # where the prompt ubatches that evaluated them ended
     scores: list[PositionLogprobs] = field(default_factory=list)  # prompt scores of tokens[1:], as far as known
     score_key: tuple | None = None
     rows: dict[int, np.ndarray] = field(default_factory=dict)  # logits rows kept at ubatch ends, by position
@@ -217,7 +245,7 @@ class Slot:
 
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
-        self.aligned = min(self.aligned, n)
+        self.cuts = [c for c in self.cuts if c <= n]
         del self.scores[max(n - 1, 0) :]
         self.rows = {p: r for p, r in self.rows.items() if p < n}
 
@@ -236,13 +264,12 @@ class Engine:
         chat_template: str | None = None,
         n_threads: int | None = None,
         n_slots: int = DEFAULT_SLOTS,
-        n_batch: int = 512,
         n_ubatch: int = N_UBATCH,
     ):
         self.llm = load_without_weight_repacking(
             model_path=str(model_path),
-            n_ctx=n_batch,  # this context is replaced below; Llama caps n_batch at n_ctx
-            n_batch=n_batch,
+            n_ctx=n_ubatch,  # this context is replaced below
+            n_batch=n_ubatch,  # each decode is one ubatch (evaluation_cuts) or one token per slot
             n_ubatch=n_ubatch,
             # The cores this process may use (a container's share, not the host's count).
             n_threads=n_threads or len(os.sched_getaffinity(0)),
@@ -260,10 +287,9 @@ class Engine:
         self.ctx = LlamaContext(model=self.model, params=params, verbose=False)
         self.vocab = self.model.vocab
         self.n_ctx = self.ctx.n_ctx() // n_slots
-        self.n_batch = n_batch
         self.n_ubatch = n_ubatch
         self.n_vocab = self.model.n_vocab()
-        self.batch = LlamaBatch(n_tokens=max(n_batch, n_slots), embd=0, n_seq_max=1)
+        self.batch = LlamaBatch(n_tokens=max(n_ubatch, n_slots), embd=0, n_seq_max=1)
         self.tokens_evaluated = 0
         self.tokens_generated = 0
         self._pieces: dict[int, bytes] = {}
@@ -358,7 +384,8 @@ class Engine:
         job = Job()
         for prompt, sampling in prompts:
             sampler = self._sampler(sampling)
-            job.sequences.append(Sequence(prompt, prompt_logprobs, top_k, want_rank, sampling, sampler, job))
+            cuts = evaluation_cuts(prompt, self.vocab, self.n_ubatch)
+            job.sequences.append(Sequence(prompt, cuts, prompt_logprobs, top_k, want_rank, sampling, sampler, job))
         job._remaining = len(job.sequences)
         if not job.sequences:
             job.future.set_result([])
@@ -407,19 +434,20 @@ class Engine:
     # Slots and prefix reuse
 
     def _reusable(self, slot: Slot, sequence: Sequence) -> int:
-        """How many leading tokens of the sequence's prompt the slot's cache can stand in for, exactly: the common
-        prefix, within what the slot evaluated in whole prompt ubatches, short of the prompt's last token (whose
-        evaluation yields the row generation starts from), cut back to a ubatch boundary. A scored prompt also
-        needs the slot's scores of that prefix and the logits row at its end."""
-        prompt = sequence.prompt
-        n = min(_common_prefix_length([slot.tokens, prompt]) if slot.tokens else 0, len(prompt) - 1, slot.aligned)
-        n -= n % self.n_ubatch
-        if sequence.prompt_logprobs:
-            if slot.score_key != sequence.score_key:
-                return 0
-            while n and ((n - 1) not in slot.rows or len(slot.scores) < n - 1):
-                n -= self.n_ubatch
-        return n
+        """How many leading tokens of the sequence's prompt the slot's cache can stand in for, exactly: up to where the
+        slot's evaluation and the prompt's lone one went through the same ubatches, within their common prefix, short
+        of the prompt's last token (whose evaluation yields the row generation starts from). A scored prompt also needs
+        the slot's scores of that prefix and the logits row at its end."""
+        limit = min(_common_prefix_length([slot.tokens, sequence.prompt]), len(sequence.prompt) - 1)
+        same_ubatches = sequence.cuts[: _common_prefix_length([slot.cuts, sequence.cuts])]
+        for n in reversed(same_ubatches):
+            if n > limit:
+                continue
+            if not sequence.prompt_logprobs:
+                return n
+            if slot.score_key == sequence.score_key and (n - 1) in slot.rows and len(slot.scores) >= n - 1:
+                return n
+        return 0
 
     def _admit(self, sequence: Sequence) -> None:
         """Evaluate the prompt in a free slot, reusing the longest exact prefix any slot holds, and sample."""
@@ -434,7 +462,7 @@ class Engine:
             # whole stream (llama.cpp copies across streams only whole) rather than evaluate the prefix again.
             self.ctx.kv_cache_seq_cp(source.id, slot.id, -1, -1)
             reuse = reusable[source.id]
-            slot.tokens, slot.aligned = list(source.tokens), source.aligned
+            slot.tokens, slot.cuts = list(source.tokens), list(source.cuts)
             slot.scores, slot.score_key, slot.rows = list(source.scores), source.score_key, dict(source.rows)
         self._clock += 1
         slot.last_used = self._clock
@@ -446,33 +474,39 @@ class Engine:
             if reuse:
                 sequence.scores.append(sequence.score(slot.rows[reuse - 1], prompt[reuse]))
             slot.score_key = sequence.score_key
-        for offset in range(reuse, len(prompt), self.n_batch):
-            chunk = prompt[offset : offset + self.n_batch]
-            self._decode([(t, offset + i, slot.id) for i, t in enumerate(chunk)], all_logits=sequence.prompt_logprobs)
-            slot.tokens.extend(chunk)
+        start = reuse
+        for end in (c for c in sequence.cuts if c > reuse):
+            # One decode per ubatch: llama.cpp would cut a longer batch every n_ubatch tokens, not at the turn.
+            self._decode(
+                [(prompt[p], p, slot.id) for p in range(start, end)],
+                all_logits=sequence.prompt_logprobs,
+                outputs=end == len(prompt),
+            )
+            slot.tokens.extend(prompt[start:end])
             if sequence.prompt_logprobs:
-                for i in range(len(chunk)):
-                    position = offset + i
+                for position in range(start, end):
+                    row = self._row(position - start)
                     if position + 1 < len(prompt):
-                        row = self._row(i)
                         sequence.scores.append(sequence.score(row, prompt[position + 1]))
-                        if (position + 1) % self.n_ubatch == 0:
-                            # Kept for a later prompt that shares this prefix: its first own token is scored here.
-                            slot.rows[position] = row.copy()
-        slot.aligned = len(prompt) - len(prompt) % self.n_ubatch
+                    if position + 1 == end:
+                        # Kept for a later prompt that shares this prefix: its first own token is scored here.
+                        slot.rows[position] = row.copy()
+            start = end
+        slot.cuts = list(sequence.cuts)
         if sequence.prompt_logprobs:
             slot.scores = list(sequence.scores)
         self._next(slot, -1)
 
     # Evaluation
 
-    def _decode(self, entries: list[tuple[int, int, int]], all_logits: bool) -> None:
-        """One llama.cpp decode of (token, position, slot) entries; logits for every entry or only the last."""
+    def _decode(self, entries: list[tuple[int, int, int]], all_logits: bool, outputs: bool = True) -> None:
+        """One llama.cpp decode of (token, position, slot) entries; logits for every entry, or only the last (if any
+        output is wanted)."""
         batch = self.batch.batch
         for i, (token, position, seq_id) in enumerate(entries):
             batch.token[i], batch.pos[i] = token, position
             batch.seq_id[i][0], batch.n_seq_id[i] = seq_id, 1
-            batch.logits[i] = all_logits or i == len(entries) - 1
+            batch.logits[i] = all_logits or (outputs and i == len(entries) - 1)
         batch.n_tokens = len(entries)
         self.ctx.decode(self.batch)
         self.tokens_evaluated += len(entries)
