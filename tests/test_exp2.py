@@ -27,7 +27,7 @@ from grace_dagster.llm.prompting import plain_text
 from grace_dagster.llm.scoring import AnswerScores, OptionScores
 from grace_dagster.registry import load_registry
 from grace_dagster.resources import ExperimentSettings
-from grace_dagster.serving.engine import N_UBATCH, load_without_weight_repacking
+from grace_dagster.serving.engine import N_UBATCH, evaluation_cuts, load_without_weight_repacking
 from grace_dagster.serving.weights import gguf_path
 from grace_dagster.studies import STUDIES
 from grace_dagster.studies.base import Question
@@ -37,9 +37,10 @@ CHATML_END_OF_TURN = "<|im_end|>\n"
 
 
 class BruteForce:
-    """Each option with its full context in one llama.cpp evaluation from an empty cache, nothing shared between
-    options. Written against llama-cpp-python's low-level API independently of the server's engine; only the rows
-    it needs are read from llama.cpp's output (copying every row of a 262k vocabulary would dominate the test)."""
+    """Each option with its full context evaluated alone from an empty cache, nothing shared between options, in the
+    ubatches of a lone evaluation (the engine's rule, `evaluation_cuts`). Otherwise written against
+    llama-cpp-python's low-level API independently of the server's engine; only the rows it needs are read from
+    llama.cpp's output (copying every row of a 262k vocabulary would dominate the test)."""
 
     def __init__(self, slug: str):
         model = load_registry().get(slug)
@@ -71,13 +72,16 @@ class BruteForce:
         full = self.llm.tokenize((context + option).encode(), add_bos=add_bos, special=True)
         assert full[: len(context_ids)] == context_ids, "the option starts on a token boundary"
         self.llm._ctx.kv_cache_clear()
-        self.batch.set_batch(full, 0, True)  # every position's logits, as a scoring request computes them
-        self.llm._ctx.decode(self.batch)
-        total = 0.0
-        for i in range(len(context_ids), len(full)):
-            row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(i - 1), shape=(self.n_vocab,)).astype(np.float64)
-            peak = row.max()
-            total += row[full[i]] - (peak + math.log(np.exp(row - peak).sum()))
+        total, start = 0.0, 0
+        for end in evaluation_cuts(full, self.llm._model.vocab, N_UBATCH):
+            self.batch.set_batch(full[start:end], start, True)  # every position's logits, as a scoring request
+            self.llm._ctx.decode(self.batch)
+            for i in range(max(start, len(context_ids) - 1), end - 1 if end == len(full) else end):
+                row = self.llm._ctx.get_logits_ith(i - start)
+                row = np.ctypeslib.as_array(row, shape=(self.n_vocab,)).astype(np.float64)
+                peak = row.max()
+                total += row[full[i + 1]] - (peak + math.log(np.exp(row - peak).sum()))
+            start = end
         return total
 
     def distribution(self, question: Question) -> np.ndarray:
@@ -100,9 +104,9 @@ def _total_variation(p: np.ndarray, q: np.ndarray) -> float:
 def test_asset_distributions_match_brute_force_llama_cpp(tmp_path, servers, slug, study_name):
     """20 trials of each study. The brute force evaluates every form of every option with its full context from an
     empty cache,
-    configured like the server (same ubatch size: "computed the same way"); the asset shares each question's
+    configured like the server (the same ubatches: "computed the same way"); the asset shares each question's
     context across its options. Their total variation is the engine's batch-split noise on the shared path, which
-    the ubatch-aligned cut makes zero; it is measured and reported. For study 1 the brute force covers one question
+    sharing only whole ubatches makes zero; it is measured and reported. For study 1 the brute force covers one question
     per trial, a state question (11 options, digits split into tokens) every fourth trial and the knowledge question
     otherwise, to stay within the test budget."""
     n_trials = 20

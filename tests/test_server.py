@@ -14,6 +14,7 @@ import pytest
 import yaml
 from llama_cpp import Llama
 
+from grace_dagster.llm.prompting import ANSWER_CUE
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
 from grace_dagster.serving.engine import N_UBATCH, evaluation_cuts, load_without_weight_repacking
 from grace_dagster.serving.process import EmbeddedServer
@@ -130,23 +131,31 @@ def test_shared_prefix_prompts_score_exactly_like_separate_evaluations(model_and
     assert worst < 1e-6
 
 
-# Each model's chat turns as its template writes them, and whether the text starts without the tokenizer's BOS (the
-# pipeline renders ChatML with its first <|im_start|> and sends it without BOS; Gemma's template starts with BOS).
-CHAT_TURNS = {
-    "smollm2-135m": ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n", False),
-    "gemma3-270m": ("<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>\n", True),
+# A question's context and its answers as the pipeline sends them: each model's chat turns as its template writes
+# them, with or without the tokenizer's BOS (the pipeline renders ChatML with its first <|im_start|> and sends it
+# without BOS; Gemma's template starts with BOS), and a base model's plain text ending in the answer cue.
+FORMATS = {
+    ("chat", "smollm2-135m"): ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", "{}<|im_end|>\n", False),
+    ("chat", "gemma3-270m"): (
+        "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
+        "{}<end_of_turn>\n",
+        True,
+    ),
+    ("plain", "smollm2-135m"): ("{}" + ANSWER_CUE, " {}\n", True),
+    ("plain", "gemma3-270m"): ("{}" + ANSWER_CUE, " {}\n", True),
 }
 
 
-def test_answers_scored_after_a_chat_context_evaluate_only_their_own_turn(model_and_reference):
-    """A question rendered up to the assistant's turn and its answers, sent together as the pipeline scores them:
-    the context is evaluated once and each answer from the token after the turn's opening on (its header, its own
-    tokens), because a lone evaluation starts a ubatch there; each answer's scores equal llama.cpp's evaluation of
-    that answer's prompt alone, logits bit for bit."""
+@pytest.mark.parametrize("text_format", ["chat", "plain"])
+def test_answers_scored_after_a_context_evaluate_only_their_own_turn_or_line(model_and_reference, text_format):
+    """A question's context and its answers, sent together as the pipeline scores them: the context is evaluated
+    once and each answer from the start of the last turn (chat) or line (plain text) on, because a lone evaluation
+    starts a ubatch there: the assistant's header or the answer cue, then the answer's own tokens. Each answer's
+    scores equal llama.cpp's evaluation of that answer's prompt alone, logits bit for bit."""
     slug, server, reference = model_and_reference
-    turn, end_of_turn, add_bos = CHAT_TURNS[slug]
-    context = turn.format(" ".join(PROMPTS[:4]) + " Was the bread good?")  # past one ubatch, ending inside another
-    answers = [f"It {neg} {word}.{end_of_turn}" for neg in ("was", "wasn't") for word in ("bad", "good")]
+    question, answer, add_bos = FORMATS[text_format, slug]
+    context = question.format(" ".join(PROMPTS[:4]) + " Was the bread good?")  # past one ubatch, ending in another
+    answers = [answer.format(f"It {neg} {word}.") for neg in ("was", "wasn't") for word in ("bad", "good")]
     prompts = [context] + [context + a for a in answers]
     before = server_counter(server.base_url, "grace_server_tokens_evaluated_total")
     body = httpx.post(
@@ -162,9 +171,9 @@ def test_answers_scored_after_a_chat_context_evaluate_only_their_own_turn(model_
     ).json()
     evaluated = server_counter(server.base_url, "grace_server_tokens_evaluated_total") - before
     tokens = [reference.tokenize(p.encode(), add_bos=add_bos, special=True) for p in prompts]
-    opening = evaluation_cuts(tokens[0], reference._model.vocab, N_UBATCH)[-2]
-    assert 0 < len(tokens[0]) - opening <= 3 and opening % N_UBATCH, "a cut in the assistant's header, off the grid"
-    assert evaluated == len(tokens[0]) + sum(len(t) - opening for t in tokens[1:])
+    restart = evaluation_cuts(tokens[0], reference._model.vocab, N_UBATCH)[-2]
+    assert 0 < len(tokens[0]) - restart <= 3 and restart % N_UBATCH, "a restart in the header or cue, off the grid"
+    assert evaluated == len(tokens[0]) + sum(len(t) - restart for t in tokens[1:])
     worst, worst_vs_32 = 0.0, 0.0
     for prompt_tokens, choice in zip(tokens, sorted(body["choices"], key=lambda c: c["index"])):
         served = np.array([next(iter(p.values()))["logprob"] for p in choice["prompt_logprobs"][1:]])
@@ -172,8 +181,9 @@ def test_answers_scored_after_a_chat_context_evaluate_only_their_own_turn(model_
         in_32 = _reference_logprobs(reference, prompt_tokens, [len(prompt_tokens)])
         worst_vs_32 = max(worst_vs_32, np.max(np.abs(served - in_32)))
     print(
-        f"\n{slug}: {evaluated:.0f} tokens evaluated for {len(prompts)} prompts of {sum(map(len, tokens))}; max "
-        f"difference from llama.cpp {worst:.2e} nats, from an evaluation in 32-token ubatches only {worst_vs_32:.2e}"
+        f"\n{slug} {text_format}: {evaluated:.0f} tokens evaluated for {len(prompts)} prompts of "
+        f"{sum(map(len, tokens))}; max difference from llama.cpp {worst:.2e} nats, from an evaluation in 32-token "
+        f"ubatches only {worst_vs_32:.2e}"
     )
     # Identical logits; what is left is the two sides' log-softmax arithmetic (float32 rows, float64 sums).
     assert worst < 1e-6

@@ -16,8 +16,8 @@ on an empty cache, and each slot has its own KV stream, so attention never sees 
 keeps what it evaluated; a new prompt reuses the longest prefix it shares with a slot's cache (the answer options of
 one question, the scenario of a trial), cut back to a ubatch boundary, so the rest still goes through the ubatches of
 a lone evaluation and its scores equal single-prompt scores bit for bit. A lone evaluation's ubatches are 32 tokens
-from the start, and a chat prompt's last turn opens a new one (`evaluation_cuts`): a question rendered up to the
-assistant's turn and each answer scored after it then share every ubatch but the answer's own. Only the decode steps
+from the start, and the prompt's last turn (a chat) or last line (plain text) opens a new one (`evaluation_cuts`): a
+question's context and each answer scored after it then share every ubatch but the answer's own. Only the decode steps
 batch sequences together, one token per sequence each in its own stream; seeded samples come out the same tokens with
 the same log-probabilities alone or batched (tests/test_server.py, both local models). The price of this rule: a
 prompt is never evaluated in the same ubatch as other sequences' tokens, as llama-server does (see README,
@@ -134,23 +134,35 @@ def _enforceable(schema):
     return out
 
 
-def evaluation_cuts(prompt: list[int], vocab, n_ubatch: int) -> list[int]:
-    """Where the ubatches of a prompt's lone evaluation end: every `n_ubatch` tokens, and right after the prompt's last
-    turn-opening token (a control token other than the first one and other than an end-of-generation token, e.g.
-    ChatML's <|im_start|> or Gemma's <start_of_turn>), counting again from there.
+def token_piece(vocab, token: int) -> bytes:
+    """A token's text as llama.cpp writes it (special tokens included)."""
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, True)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n
 
-    The cut is placed by the prompt alone, so a prompt's numbers never depend on what else is served. It lies in the
-    assistant's header, which a question's context ends with and every answer scored after it shares; without it the
-    context's end past its last 32-token boundary would be evaluated again with every answer."""
-    opening = next(
-        (
-            i + 1
-            for i in range(len(prompt) - 2, 0, -1)
-            if llama_cpp.llama_vocab_is_control(vocab, prompt[i]) and not llama_cpp.llama_vocab_is_eog(vocab, prompt[i])
-        ),
-        None,
-    )
-    starts = [0] if opening is None else [0, opening]
+
+def evaluation_cuts(prompt: list[int], vocab, n_ubatch: int) -> list[int]:
+    """Where the ubatches of a prompt's lone evaluation end: every `n_ubatch` tokens, counting again from the start of
+    the prompt's last turn (right after its last turn-opening token: a control token other than the first token and
+    other than an end-of-generation token, e.g. ChatML's <|im_start|> or Gemma's <start_of_turn>) or, in a prompt
+    without turns, of its last line (right after its last token holding a line break, the final token aside).
+
+    The restart is placed by the prompt alone, so a prompt's numbers never depend on what else is served. A question's
+    context and every answer scored after it share it (the assistant's header of a chat, the answer cue's line of
+    plain text), so each answer evaluates only that and its own tokens; without it the context's end past its last
+    32-token boundary would be evaluated again with every answer."""
+
+    def after_last(wanted) -> int | None:
+        return next((i + 1 for i in range(len(prompt) - 2, 0, -1) if wanted(prompt[i])), None)
+
+    restart = after_last(
+        lambda t: llama_cpp.llama_vocab_is_control(vocab, t) and not llama_cpp.llama_vocab_is_eog(vocab, t)
+    ) or after_last(lambda t: b"\n" in token_piece(vocab, t))
+    starts = [0] if restart is None else [0, restart]
     cuts = []
     for start, end in zip(starts, [*starts[1:], len(prompt)]):
         cuts.extend(range(start + n_ubatch, end, n_ubatch))
@@ -314,14 +326,7 @@ class Engine:
     def piece(self, token: int) -> bytes:
         cached = self._pieces.get(token)
         if cached is None:
-            size = 64
-            while True:
-                buf = ctypes.create_string_buffer(size)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, size, 0, True)
-                if n >= 0:
-                    break
-                size = -n
-            cached = self._pieces[token] = buf.raw[:n]
+            cached = self._pieces[token] = token_piece(self.vocab, token)
         return cached
 
     def token_text(self, token: int) -> str:
