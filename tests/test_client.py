@@ -134,34 +134,51 @@ def test_a_request_whose_client_gave_up_is_dropped_queued_or_running(servers):
     assert abandoned == 2
 
 
+def _timed_full_batch(url: str, max_tokens: int, slots: int) -> float:
+    """Seconds the server takes for `slots` COUNTING generations of `max_tokens` tokens sent together (one batch)."""
+    body = {"model": SERVED, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(slots)))
+
+    start = time.monotonic()
+    replies = asyncio.run(main())
+    assert [r.json()["usage"]["completion_tokens"] for r in replies] == [max_tokens] * slots
+    return time.monotonic() - start
+
+
 @pytest.mark.slow
 def test_client_timeouts_count_no_queue_time_behind_the_embedded_server(servers):
     """The registry's client for an embedded model keeps as many requests in flight as the server decodes together,
-    so none waits in the server's queue where its timeout would count the wait: four requests, each taking 40% of
-    the timeout alone, finish with no retry and the server serves each once."""
+    so none waits in the server's queue, where its timeout would count the wait. Eight requests, with a timeout of
+    1.6 times what a full batch of four takes: through the registry's client (four in flight) each request takes
+    about one batch's time and none is retried; with all eight in flight, the second four would wait a whole batch
+    in the queue (about twice the batch's time) and time out."""
     from grace_dagster.registry import load_registry
     from grace_dagster.resources.endpoints import Endpoint, LLMEndpoints
 
     url = servers("smollm2-135m").base_url
+    endpoint = Endpoint(load_registry().get("smollm2-135m"), url)
+    slots = endpoint.model.serving.max_concurrency
     tokens = 16
-    while (seconds := _timed_generation(url, tokens)) < 1.0:
+    while (seconds := _timed_full_batch(url, tokens, slots)) < 1.0:
         tokens *= 2
     before = _completions_served(url)
-    endpoint = Endpoint(load_registry().get("smollm2-135m"), url)
 
     async def main():
-        client = LLMEndpoints().client_for(endpoint, timeout=2.5 * seconds, retry=FAST_RETRY)
+        client = LLMEndpoints().client_for(endpoint, timeout=1.6 * seconds, retry=FAST_RETRY)
         async with client:
             replies = await asyncio.gather(
-                *(client.complete(COUNTING, max_tokens=tokens, temperature=0) for _ in range(4))
+                *(client.complete(COUNTING, max_tokens=tokens, temperature=0) for _ in range(2 * slots))
             )
         return replies, client.stats
 
     replies, stats = asyncio.run(main())
     served = _completions_served(url) - before
-    assert [r.usage.completion_tokens for r in replies] == [tokens] * 4
+    assert [r.usage.completion_tokens for r in replies] == [tokens] * (2 * slots)
     assert stats.retries == 0, "no request timed out"
-    assert served == 4, "each request was served once"
+    assert served == 2 * slots, "each request was served once"
 
 
 # Response bodies in vLLM's documented format, replayed through httpx's mock transport to pin the parsing of fields real
