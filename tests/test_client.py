@@ -92,12 +92,20 @@ def _engine_counters(url: str) -> tuple[float, float]:
     )
 
 
-def _timed_generation(url: str, max_tokens: int) -> float:
-    """Seconds the server takes for one COUNTING generation of exactly `max_tokens` tokens."""
+def _timed_generation(url: str, max_tokens: int, together: int = 1) -> float:
+    """Seconds the server takes for `together` COUNTING generations of exactly `max_tokens` tokens sent at once (with
+    `together` equal to the server's slots: one full batch)."""
     body = {"model": SERVED, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(together)))
+
     start = time.monotonic()
-    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
-    assert reply["usage"]["completion_tokens"] == max_tokens, "the counting prompt ran to max_tokens"
+    replies = asyncio.run(main())
+    assert [r.json()["usage"]["completion_tokens"] for r in replies] == [max_tokens] * together, (
+        "the counting prompt ran to max_tokens"
+    )
     return time.monotonic() - start
 
 
@@ -134,20 +142,6 @@ def test_a_request_whose_client_gave_up_is_dropped_queued_or_running(servers):
     assert abandoned == 2
 
 
-def _timed_full_batch(url: str, max_tokens: int, slots: int) -> float:
-    """Seconds the server takes for `slots` COUNTING generations of `max_tokens` tokens sent together (one batch)."""
-    body = {"model": SERVED, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0}
-
-    async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(slots)))
-
-    start = time.monotonic()
-    replies = asyncio.run(main())
-    assert [r.json()["usage"]["completion_tokens"] for r in replies] == [max_tokens] * slots
-    return time.monotonic() - start
-
-
 @pytest.mark.slow
 def test_client_timeouts_count_no_queue_time_behind_the_embedded_server(servers):
     """The registry's client for an embedded model keeps as many requests in flight as the server decodes together,
@@ -162,7 +156,7 @@ def test_client_timeouts_count_no_queue_time_behind_the_embedded_server(servers)
     endpoint = Endpoint(load_registry().get("smollm2-135m"), url)
     slots = endpoint.model.serving.max_concurrency
     tokens = 16
-    while (seconds := _timed_full_batch(url, tokens, slots)) < 1.0:
+    while (seconds := _timed_generation(url, tokens, together=slots)) < 1.0:
         tokens *= 2
     before = _completions_served(url)
 
