@@ -9,14 +9,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
+import llama_cpp
 import numpy as np
 import pytest
 import yaml
 from llama_cpp import Llama
+from llama_cpp._internals import LlamaSampler
 
 from grace_dagster.llm.prompting import ANSWER_CUE
 from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
-from grace_dagster.serving.engine import N_UBATCH, evaluation_cuts, load_without_weight_repacking
+from grace_dagster.serving.engine import (
+    N_UBATCH,
+    Engine,
+    Sampling,
+    TokenSampler,
+    evaluation_cuts,
+    load_without_weight_repacking,
+)
 from grace_dagster.serving.process import EmbeddedServer
 from grace_dagster.serving.weights import gguf_path
 from tests.chat_templates import GEMMA_TURNS
@@ -247,6 +256,60 @@ ANSWERS = [
     "Amazing work, it was amazing.",
     "Not good, it wasn't.",
 ]
+
+
+def _llama_cpp_chain(reference: Llama, sampling: Sampling) -> LlamaSampler:
+    """The chain the engine samples with, run by llama.cpp's `llama_sampler_sample` alone."""
+    chain = LlamaSampler()
+    if sampling.grammar:
+        chain.add_grammar(reference._model, llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False))
+    if sampling.temperature == 0:
+        chain.add_greedy()
+    else:
+        chain.add_top_p(sampling.top_p, 1)
+        chain.add_temp(sampling.temperature)
+        chain.add_dist(sampling.seed)
+    return chain
+
+
+def test_greedy_sampling_under_a_grammar_picks_what_llama_cpp_picks(model_and_reference):
+    """Greedy under a grammar, the engine checks the best token against the grammar first and applies the grammar to
+    the whole vocabulary only when it refuses that token (`TokenSampler`). Token for token, it must pick what
+    llama.cpp's `llama_sampler_sample` picks with the grammar applied to every token, through JSON the grammar forces
+    (the best token refused) and JSON the model would write anyway (the best token taken); and the same for the
+    paths that do not take the shortcut."""
+    slug, _, reference = model_and_reference
+    grammar = Engine.grammar_from_json_schema(EXTRACTION_SCHEMA)
+    prompt = reference.tokenize(f"Extract the utterance as JSON: {ANSWERS[0]}\n".encode(), add_bos=True, special=True)
+    for sampling in [
+        Sampling(temperature=0, grammar=grammar),
+        Sampling(temperature=0),
+        Sampling(temperature=0.7, seed=3, grammar=grammar),
+    ]:
+        reference.reset()
+        reference._ctx.kv_cache_clear()
+        reference.eval(prompt)
+        expected_chain, sampler = _llama_cpp_chain(reference, sampling), TokenSampler(reference._model, sampling)
+        best_refused = best_taken = 0
+        for _ in range(40):
+            best = int(
+                np.argmax(np.ctypeslib.as_array(reference._ctx.get_logits_ith(-1), shape=(reference.n_vocab(),)))
+            )
+            expected = llama_cpp.llama_sampler_sample(expected_chain.sampler, reference._ctx.ctx, -1)
+            token = sampler.sample(reference._ctx, -1)
+            assert token == expected, (
+                f"{slug}, temperature {sampling.temperature}, grammar: {bool(sampling.grammar)}: "
+                f"{token} instead of llama.cpp's {expected}"
+            )
+            best_taken += best == token
+            best_refused += best != token
+            if llama_cpp.llama_vocab_is_eog(reference._model.vocab, token):
+                break
+            reference.eval([token])
+        expected_chain.close()
+        sampler.close()
+        if sampling.grammar and sampling.temperature == 0:
+            assert best_refused and best_taken, f"{slug}: both ways of greedy sampling under a grammar were exercised"
 
 
 @pytest.fixture(scope="module")

@@ -170,6 +170,52 @@ def evaluation_cuts(prompt: list[int], vocab, n_ubatch: int) -> list[int]:
     return cuts
 
 
+class TokenSampler:
+    """A sequence's llama.cpp sampler chain: the grammar if any, then top-p, temperature and a seeded draw, or greedy.
+
+    Greedy under a grammar (the judge's and the extraction's JSON): the best token is checked against the grammar
+    alone first, and the chain, which applies the grammar to every token of the vocabulary, runs only if the grammar
+    refuses it, as llama.cpp's own common sampler does. The best token, when the grammar allows it, is also the best
+    allowed token, so the choice is the chain's; checking the whole vocabulary costs about 5 ms per generated token
+    for SmolLM2's 49k tokens and 23 ms for Gemma's 262k on this project's 2-core test machine, checking one costs
+    nothing."""
+
+    def __init__(self, model, sampling: Sampling):
+        self.chain = LlamaSampler()
+        self.n_vocab = model.n_vocab()
+        self.grammar = None
+        if sampling.grammar:
+            self.chain.add_grammar(model, llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False))
+            self.grammar = llama_cpp.llama_sampler_chain_get(self.chain.sampler, 0)
+        if sampling.temperature == 0:
+            self.chain.add_greedy()
+        else:
+            self.chain.add_top_p(sampling.top_p, 1)
+            self.chain.add_temp(sampling.temperature)
+            seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
+            self.chain.add_dist(seed & 0xFFFFFFFF)
+        self.best_first = self.grammar is not None and sampling.temperature == 0
+
+    def sample(self, ctx: LlamaContext, index: int) -> int:
+        """The next token from output row `index` of the context's last decode."""
+        if self.best_first:
+            row = np.ctypeslib.as_array(ctx.get_logits_ith(index), shape=(self.n_vocab,))
+            best = int(np.argmax(row))  # the first best token, as llama.cpp's greedy sampler picks
+            if self._grammar_allows(best, float(row[best])):
+                llama_cpp.llama_sampler_accept(self.chain.sampler, best)
+                return best
+        return llama_cpp.llama_sampler_sample(self.chain.sampler, ctx.ctx, index)
+
+    def _grammar_allows(self, token: int, logit: float) -> bool:
+        candidate = llama_cpp.llama_token_data(id=token, logit=logit, p=0.0)
+        candidates = llama_cpp.llama_token_data_array(data=ctypes.pointer(candidate), size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
+        return math.isfinite(candidate.logit)  # the grammar sets a refused token's logit to -inf
+
+    def close(self) -> None:
+        self.chain.close()
+
+
 def _common_prefix_length(prompts: list[list[int]]) -> int:
     first = prompts[0]
     n = min(len(p) for p in prompts)
@@ -189,7 +235,7 @@ class Sequence:
     top_k: int | None
     want_rank: bool
     sampling: Sampling
-    sampler: LlamaSampler
+    sampler: TokenSampler
     job: Job
     scores: list[PositionLogprobs] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
@@ -388,7 +434,7 @@ class Engine:
                 )
         job = Job()
         for prompt, sampling in prompts:
-            sampler = self._sampler(sampling)
+            sampler = TokenSampler(self.model, sampling)
             cuts = evaluation_cuts(prompt, self.vocab, self.n_ubatch)
             job.sequences.append(Sequence(prompt, cuts, prompt_logprobs, top_k, want_rank, sampling, sampler, job))
         job._remaining = len(job.sequences)
@@ -533,7 +579,7 @@ class Engine:
         if len(sequence.output) >= sampling.max_tokens or len(slot.tokens) >= self.n_ctx:
             slot.sequence = None
             return sequence.finish("length")
-        token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx.ctx, index)
+        token = sequence.sampler.sample(self.ctx, index)
         if sampling.logprobs is not None:
             sequence.output_logprobs.append(_position_logprobs(self._row(index), token, sampling.logprobs, False))
         if llama_cpp.llama_vocab_is_eog(self.vocab, token) and not sampling.ignore_eos:
@@ -551,20 +597,6 @@ class Engine:
             slot.sequence = None
             return sequence.finish("length")
         slot.next_token = token
-
-    def _sampler(self, sampling: Sampling) -> LlamaSampler:
-        sampler = LlamaSampler()
-        if sampling.grammar:
-            grammar = llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False)
-            sampler.add_grammar(self.model, grammar)
-        if sampling.temperature == 0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_p(sampling.top_p, 1)
-            sampler.add_temp(sampling.temperature)
-            seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
-            sampler.add_dist(seed & 0xFFFFFFFF)
-        return sampler
 
 
 def _position_logprobs(row: np.ndarray, token: int, top_k: int | None, want_rank: bool) -> PositionLogprobs:
