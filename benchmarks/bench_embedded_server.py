@@ -160,20 +160,26 @@ def answer_bodies(url: str, served: str, kind: str, trials) -> list[dict]:
 LLAMA_SERVER_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
 
-async def generate(url: str, served: str, bodies: list[dict], concurrency: int, extra: dict) -> dict:
+async def post_all(url: str, bodies: list[dict], concurrency: int, path: str = "/v1/completions"):
+    """Every body posted to `path`, `concurrency` at a time: the wall time and the responses, in order."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(http: httpx.AsyncClient, body: dict) -> int:
+    async def one(http: httpx.AsyncClient, body: dict) -> dict:
         async with gate:
-            reply = await http.post("/v1/completions", json={"model": served, **body, **extra}, timeout=3600)
+            reply = await http.post(path, json=body, timeout=3600)
             reply.raise_for_status()
-            return reply.json()["usage"]["completion_tokens"]
+            return reply.json()
 
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency)) as http:
         start = time.perf_counter()
-        counts = await asyncio.gather(*(one(http, body) for body in bodies))
-        seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "completion_tokens": sum(counts), "tokens_per_s": sum(counts) / seconds}
+        replies = await asyncio.gather(*(one(http, body) for body in bodies))
+        return time.perf_counter() - start, replies
+
+
+async def generate(url: str, served: str, bodies: list[dict], concurrency: int, extra: dict) -> dict:
+    seconds, replies = await post_all(url, [{"model": served, **body, **extra} for body in bodies], concurrency)
+    tokens = sum(reply["usage"]["completion_tokens"] for reply in replies)
+    return {"seconds": round(seconds, 2), "completion_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
 def must_evaluate(url: str, served: str, kind: str, questions) -> int:
