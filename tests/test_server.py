@@ -25,6 +25,7 @@ from grace_dagster.serving.engine import (
     TokenSampler,
     evaluation_cuts,
     load_without_weight_repacking,
+    logits_row,
 )
 from grace_dagster.serving.process import EmbeddedServer
 from grace_dagster.serving.weights import gguf_path
@@ -292,9 +293,7 @@ def test_greedy_sampling_under_a_grammar_picks_what_llama_cpp_picks(model_and_re
         expected_chain, sampler = _llama_cpp_chain(reference, sampling), TokenSampler(reference._model, sampling)
         best_refused = best_taken = 0
         for _ in range(40):
-            best = int(
-                np.argmax(np.ctypeslib.as_array(reference._ctx.get_logits_ith(-1), shape=(reference.n_vocab(),)))
-            )
+            best = int(np.argmax(logits_row(reference._ctx, -1, reference.n_vocab())))
             expected = llama_cpp.llama_sampler_sample(expected_chain.sampler, reference._ctx.ctx, -1)
             token = sampler.sample(reference._ctx, -1)
             assert token == expected, (

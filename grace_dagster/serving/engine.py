@@ -170,6 +170,12 @@ def evaluation_cuts(prompt: list[int], vocab, n_ubatch: int) -> list[int]:
     return cuts
 
 
+def logits_row(ctx: LlamaContext, index: int, n_vocab: int) -> np.ndarray:
+    """Output row `index` of the context's last decode, read in place from llama.cpp's buffer (valid until the next
+    decode)."""
+    return np.ctypeslib.as_array(ctx.get_logits_ith(index), shape=(n_vocab,))
+
+
 class TokenSampler:
     """A sequence's llama.cpp sampler chain: the grammar if any, then top-p, temperature and a seeded draw, or greedy.
 
@@ -199,7 +205,7 @@ class TokenSampler:
     def sample(self, ctx: LlamaContext, index: int) -> int:
         """The next token from output row `index` of the context's last decode."""
         if self.best_first:
-            row = np.ctypeslib.as_array(ctx.get_logits_ith(index), shape=(self.n_vocab,))
+            row = logits_row(ctx, index, self.n_vocab)
             best = int(np.argmax(row))  # the first best token, as llama.cpp's greedy sampler picks
             if self._grammar_allows(best, float(row[best])):
                 llama_cpp.llama_sampler_accept(self.chain.sampler, best)
@@ -563,7 +569,7 @@ class Engine:
         self.tokens_evaluated += len(entries)
 
     def _row(self, index: int) -> np.ndarray:
-        return np.ctypeslib.as_array(self.ctx.get_logits_ith(index), shape=(self.n_vocab,))
+        return logits_row(self.ctx, index, self.n_vocab)
 
     def _step(self, generating: list[Slot]) -> None:
         """One token for every generating slot in one decode, each slot's token in its own stream."""
