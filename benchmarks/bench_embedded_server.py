@@ -43,6 +43,7 @@ import httpx
 from benchmarks.common import REPO, commit_tree, load_note, machine, tokens_evaluated
 from grace_dagster.assets.common import trial_seed
 from grace_dagster.llm import LLMClient, prompting
+from grace_dagster.llm.cached_scoring import option_spans
 from grace_dagster.registry import load_registry
 from grace_dagster.resources import ExperimentSettings
 from grace_dagster.serving.process import server_environment
@@ -192,12 +193,8 @@ def must_evaluate(url: str, served: str, kind: str, questions) -> int:
             for question in questions:
                 forms = [form for forms in question.variants for form in forms]
                 context, continuations = await scorer.context_and_options(question.messages, tuple(forms))
-                special = kind == "base"
-                n = (await client.tokenize(prompt=context, add_special_tokens=special)).count
-                total += n
-                for continuation in continuations:
-                    full = await client.tokenize(prompt=context + continuation, add_special_tokens=special)
-                    total += full.count - n
+                ids, spans = await option_spans(client, context, continuations, add_special_tokens=kind == "base")
+                total += len(ids) + sum(len(span) for span in spans)
             return total
 
     return asyncio.run(count())

@@ -25,12 +25,11 @@ from grace_dagster.studies import STUDIES
 MODELS = ["smollm2-135m", "gemma3-270m"]
 
 
-async def naive(client: LLMClient, scorer: OptionScorer, messages, options) -> int:
+async def naive(client: LLMClient, scorer: OptionScorer, messages, options) -> None:
     context, continuations = await scorer.context_and_options(messages, options)
     special = scorer.kind == "base"
     for continuation in continuations:
         await client.complete(context + continuation, max_tokens=1, prompt_logprobs=0, add_special_tokens=special)
-    return len(continuations)
 
 
 async def measure(slug: str, study_name: str, trials: int) -> list[dict]:
@@ -41,22 +40,25 @@ async def measure(slug: str, study_name: str, trials: int) -> list[dict]:
         async with LLMClient(server.base_url, model.served_name) as client:
             scorer = OptionScorer(client, model.kind)
             if model.kind == "instruct":
-                await scorer.end_of_turn()  # learned once per model, as in the asset
+                await scorer.chat_replies()  # learned once per model, as in the asset
             for method in ("shared prefix", "one request per option"):
                 for trial in study.load().head(trials).itertuples(index=False):
-                    before, start, requests = tokens_evaluated(server.base_url), time.perf_counter(), 0
+                    before, start, requests = (
+                        tokens_evaluated(server.base_url),
+                        time.perf_counter(),
+                        client.stats.requests,
+                    )
                     for question in study.exp2_questions(trial):
                         if method == "shared prefix":
                             await scorer.score(question.messages, question.options)
-                            requests += 1
                         else:
-                            requests += await naive(client, scorer, question.messages, question.options)
+                            await naive(client, scorer, question.messages, question.options)
                     rows.append(
                         dict(
                             model=slug,
                             study=study_name,
                             method=method,
-                            requests=requests,
+                            requests=client.stats.requests - requests,
                             tokens_evaluated=tokens_evaluated(server.base_url) - before,
                             seconds=time.perf_counter() - start,
                         )

@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
-from grace_dagster.registry import load_registry
+from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
 from grace_dagster.serving.process import EmbeddedServer
 from grace_dagster.serving.vllm import OWNER_ENV, VllmServer
+from tests.chat_templates import GEMMA_TURNS
 
 LOCAL_MODELS = ["smollm2-135m", "gemma3-270m"]
 SERVED_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "gemma-3-270m"}
@@ -42,6 +44,23 @@ def servers(tmp_path_factory):
     yield get
     for server in started.values():
         server.stop()
+
+
+def with_chat_template(slug: str, template: str, directory: Path) -> EmbeddedServer:
+    """An embedded server (not started) for `slug` with `template` named as its chat template in the registry."""
+    raw = yaml.safe_load(DEFAULT_REGISTRY_PATH.read_text())
+    entry = next(m for m in raw["models"] if m["slug"] == slug)
+    entry["serving"]["chat_template"] = template
+    path = directory / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return EmbeddedServer(slug, env={"GRACE_REGISTRY": str(path)}, log_dir=directory)
+
+
+@pytest.fixture(scope="session")
+def gemma_with_chat_template(tmp_path_factory):
+    """Gemma 3 270M with a chat template named in the registry (its GGUF has none)."""
+    with with_chat_template("gemma3-270m", GEMMA_TURNS, tmp_path_factory.mktemp("gemma-chat")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

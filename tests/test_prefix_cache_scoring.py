@@ -22,6 +22,7 @@ import pytest
 
 from grace_dagster.llm import LLMClient, score_options
 from grace_dagster.llm.cached_scoring import score_options_with_prefix_cache
+from grace_dagster.llm.prompting import OptionScorer
 from grace_dagster.registry import load_registry
 from grace_dagster.serving.vllm import VllmServer
 from grace_dagster.studies import STUDIES
@@ -79,17 +80,25 @@ def test_prefix_cached_scoring_gives_the_prompt_logprob_numbers_and_reads_the_ca
                 results.append(await method(client, context, options, add_special_tokens=False))
             return results
 
+    async def the_pipeline_way():
+        """As the asset scores: the chat rendered and tokenized once by the server, sent as token ids."""
+        async with LLMClient(url, SERVED, max_concurrency=1) as client:
+            scorer = OptionScorer(client, "instruct", prefix_cache=True)
+            return [await scorer.score(question.messages, question.options) for question in questions]
+
     before = _cached_tokens(url)
     plain = asyncio.run(score(score_options))
     middle = _cached_tokens(url)
     cached = asyncio.run(score(score_options_with_prefix_cache))
     after = _cached_tokens(url)
+    pipeline = asyncio.run(the_pipeline_way())
 
-    worst = 0.0
-    for question, p, c in zip(questions, plain, cached):
-        assert p.n_tokens == c.n_tokens, f"{question.key}: the same option tokens"
-        worst = max(worst, *(abs(a - b) for a, b in zip(p.logprobs, c.logprobs)))
-    print(f"\n{len(questions)} questions: max |logprob difference| plain vs prefix-cached {worst:.2e}")
-    assert worst <= MAX_LOGPROB_DIFFERENCE
+    for name, other in [("prefix-cached", cached), ("prefix-cached from token ids", pipeline)]:
+        worst = 0.0
+        for question, p, c in zip(questions, plain, other):
+            assert p.n_tokens == c.n_tokens, f"{question.key}: the same option tokens"
+            worst = max(worst, *(abs(a - b) for a, b in zip(p.logprobs, c.logprobs)))
+        print(f"\n{len(questions)} questions: max |logprob difference| plain vs {name} {worst:.2e}")
+        assert worst <= MAX_LOGPROB_DIFFERENCE
     assert middle[1] - before[1] == 0, "prompt log-probability requests never read the prefix cache"
     assert after[1] - middle[1] > 0, "the prefix-cached path reads the context from the cache"

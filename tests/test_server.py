@@ -12,12 +12,11 @@ import jsonschema
 import llama_cpp
 import numpy as np
 import pytest
-import yaml
 from llama_cpp import Llama
 from llama_cpp._internals import LlamaSampler
 
 from grace_dagster.llm.prompting import ANSWER_CUE
-from grace_dagster.registry import DEFAULT_REGISTRY_PATH, load_registry
+from grace_dagster.registry import load_registry
 from grace_dagster.serving.engine import (
     N_UBATCH,
     Engine,
@@ -27,9 +26,7 @@ from grace_dagster.serving.engine import (
     load_without_weight_repacking,
     logits_row,
 )
-from grace_dagster.serving.process import EmbeddedServer
 from grace_dagster.serving.weights import gguf_path
-from tests.chat_templates import GEMMA_TURNS
 from tests.conftest import LOCAL_MODELS, SERVED_NAMES
 from tests.pipeline import server_counter
 
@@ -309,18 +306,6 @@ def test_greedy_sampling_under_a_grammar_picks_what_llama_cpp_picks(model_and_re
         sampler.close()
         if sampling.grammar and sampling.temperature == 0:
             assert best_refused and best_taken, f"{slug}: both ways of greedy sampling under a grammar were exercised"
-
-
-@pytest.fixture(scope="module")
-def gemma_with_chat_template(tmp_path_factory):
-    """Gemma 3 270M with a chat template named in the registry (its GGUF has none)."""
-    raw = yaml.safe_load(DEFAULT_REGISTRY_PATH.read_text())
-    entry = next(m for m in raw["models"] if m["slug"] == "gemma3-270m")
-    entry["serving"]["chat_template"] = GEMMA_TURNS
-    path = tmp_path_factory.mktemp("registry") / "models.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with EmbeddedServer("gemma3-270m", env={"GRACE_REGISTRY": str(path)}) as server:
-        yield server
 
 
 @pytest.mark.parametrize("slug", LOCAL_MODELS)

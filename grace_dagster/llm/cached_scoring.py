@@ -33,10 +33,12 @@ def _token_id(key: str) -> int:
     return int(key.rsplit(":", 1)[1])
 
 
-async def _option_spans(
-    client: LLMClient, context: str, options: list[str], add_special_tokens: bool
+async def option_spans(
+    client: LLMClient, context: str | list[int], options: list[str] | list[list[int]], add_special_tokens: bool
 ) -> tuple[list[int], list[list[int]]]:
-    """The context's token ids and each option's own tokens, from the tokenization of context + option."""
+    """The context's token ids and each option's own tokens: as given, or from the tokenization of context + option."""
+    if isinstance(context, list):
+        return context, [list(option) for option in options]
     context_ids, *fulls = await asyncio.gather(
         client.tokenize(prompt=context, add_special_tokens=add_special_tokens),
         *(client.tokenize(prompt=context + option, add_special_tokens=add_special_tokens) for option in options),
@@ -56,11 +58,11 @@ async def _option_spans(
 
 
 async def score_options_with_prefix_cache(
-    client: LLMClient, context: str, options: list[str], add_special_tokens: bool
+    client: LLMClient, context: str | list[int], options: list[str] | list[list[int]], add_special_tokens: bool
 ) -> OptionScores:
     """Score `options` as continuations of `context`: the numbers of `score_options`, computed so that vLLM reads the
     context from its prefix cache. Arguments as for `scoring.score_options`."""
-    context_ids, spans = await _option_spans(client, context, options, add_special_tokens)
+    context_ids, spans = await option_spans(client, context, options, add_special_tokens)
     # One prompt per distinct option prefix (options often share their first tokens, e.g. "It was"/"It wasn't").
     prefixes = list(dict.fromkeys(tuple(span[:k]) for span in spans for k in range(len(span))))
     wanted = sorted({t for span in spans for t in span})

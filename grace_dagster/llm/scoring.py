@@ -109,31 +109,47 @@ def _positions(choice: CompletionChoice) -> list[tuple[int, float, str]]:
     return out
 
 
-async def score_options(client: LLMClient, context: str, options: list[str], add_special_tokens: bool) -> OptionScores:
+async def score_options(
+    client: LLMClient, context: str | list[int], options: list[str] | list[list[int]], add_special_tokens: bool
+) -> OptionScores:
     """Score `options` as continuations of `context` in one request.
 
+    As text, the server tokenizes context + option: the context is scored alone too, to learn its tokens, and an
+    option that changes them is refused. As token ids (`prompting.OptionScorer` gives a chat's context and replies
+    that way, already the canonical tokenization of context + option) the prompts are sent as they are.
     `add_special_tokens` is True for plain-text prompts of base models (the tokenizer adds BOS if the model wants
     one) and False for chat-rendered text, which already holds its special tokens (else vLLM adds a second BOS).
     """
-    prompts = [context] + [context + option for option in options]
+    as_ids = isinstance(context, list)
+    prompts = [context + option for option in options]
     response = await client.complete(
-        prompts, max_tokens=1, temperature=0.0, prompt_logprobs=0, add_special_tokens=add_special_tokens
+        prompts if as_ids else [context, *prompts],
+        max_tokens=1,
+        temperature=0.0,
+        prompt_logprobs=0,
+        add_special_tokens=add_special_tokens,
     )
     choices = sorted(response.choices, key=lambda c: c.index)
-    context_positions = _positions(choices[0])
-    n_context = len(context_positions) + 1
+    # The context's tokens at positions 1.. (position 0 has no logprob) and where each option's span starts.
+    context_tokens = context[1:] if as_ids else [p[0] for p in _positions(choices.pop(0))]
+    n_context = len(context_tokens) + 1
     logprobs, n_tokens = [], []
-    for option, choice in zip(options, choices[1:], strict=True):
+    for option, choice in zip(options, choices, strict=True):
         positions = _positions(choice)
-        if [p[0] for p in positions[: n_context - 1]] != [p[0] for p in context_positions]:
+        if [p[0] for p in positions[: n_context - 1]] != context_tokens:
             raise ScoringError(
                 f"option {option!r} changes the tokenization of the context: the option must start at a token "
                 "boundary (start it with a space or end the context with a separator)"
             )
         span = positions[n_context - 1 :]
-        decoded = "".join(p[2] for p in span)
-        if not span or not _same_text(decoded, option):
-            raise ScoringError(f"option {option!r}: its token span decodes to {decoded!r}; scores would be misaligned")
+        if as_ids:
+            spelled = [p[0] for p in span] == option
+            shown = [p[0] for p in span]
+        else:
+            shown = "".join(p[2] for p in span)
+            spelled = _same_text(shown, option)
+        if not span or not spelled:
+            raise ScoringError(f"option {option!r}: its token span reads {shown!r}; scores would be misaligned")
         total = sum(p[1] for p in span)
         logprobs.append(-math.inf if any(p[1] <= MIN_LOGPROB for p in span) else total)
         n_tokens.append(len(span))
