@@ -142,14 +142,9 @@ async def score_options(
                 "boundary (start it with a space or end the context with a separator)"
             )
         span = positions[n_context - 1 :]
-        if as_ids:
-            spelled = [p[0] for p in span] == option
-            shown = [p[0] for p in span]
-        else:
-            shown = "".join(p[2] for p in span)
-            spelled = _same_text(shown, option)
-        if not span or not spelled:
-            raise ScoringError(f"option {option!r}: its token span reads {shown!r}; scores would be misaligned")
+        read = [p[0] for p in span] if as_ids else "".join(p[2] for p in span)
+        if not span or not (read == option if as_ids else _same_text(read, option)):
+            raise ScoringError(f"option {option!r}: its token span reads {read!r}; scores would be misaligned")
         total = sum(p[1] for p in span)
         logprobs.append(-math.inf if any(p[1] <= MIN_LOGPROB for p in span) else total)
         n_tokens.append(len(span))
