@@ -241,7 +241,8 @@ def llama_cpp_limit(gguf: Path, prompt_tokens: int, answer_tokens: int) -> dict:
         *("-npp", str(prompt_tokens), "-ntg", str(answer_tokens), "-npl", levels, "--output-format", "jsonl"),
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
-    rows = {row["pl"]: row for row in map(json.loads, out.stdout.splitlines()) if "pl" in row}
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]  # it also prints a header
+    rows = {row["pl"]: row for row in map(json.loads, lines) if "pl" in row}
     return {
         "prompt_tokens": prompt_tokens,
         "answer_tokens": answer_tokens,
