@@ -61,8 +61,7 @@ async def one_pass(url: str, served: str, scorer_class, prefix_cache: bool, aske
     async with LLMClient(url, served, max_concurrency=4) as client:
         scorer = scorer_class(client, "instruct", prefix_cache=prefix_cache)
         for question in asked:  # each reply's tokens are learned once per model, as in the asset
-            forms = tuple(form for forms in question.variants for form in forms)
-            await scorer.context_and_options(question.messages, forms)
+            await scorer.context_and_options(question.messages, question.forms)
         before = Counter(client.stats.by_path)
         start = time.perf_counter()
         scores = await asyncio.gather(*(scorer.score_answers(q.messages, q.variants) for q in asked))
@@ -110,7 +109,7 @@ def main() -> None:
         "machine": machine(),
         "command": "python -m benchmarks.bench_chat_scoring " + " ".join(sys.argv[1:]),
         "questions": len(asked),
-        "forms": sum(len(forms) for q in asked for forms in q.variants),
+        "forms": sum(len(q.forms) for q in asked),
         "servers": {},
     }
     for name in args.servers:

@@ -194,8 +194,7 @@ def must_evaluate(url: str, served: str, kind: str, questions) -> int:
             scorer = prompting.OptionScorer(client, kind)
             total = 0
             for question in questions:
-                forms = [form for forms in question.variants for form in forms]
-                context, continuations = await scorer.context_and_options(question.messages, tuple(forms))
+                context, continuations = await scorer.context_and_options(question.messages, question.forms)
                 ids, spans = await option_spans(client, context, continuations, add_special_tokens=kind == "base")
                 total += len(ids) + sum(len(span) for span in spans)
             return total

@@ -262,7 +262,7 @@ def test_each_answer_is_scored_in_its_surface_forms_and_merged_per_answer():
     yes_no = Question("knowledge", [], ("yes", "no"))
     assert yes_no.variants == (("yes", "yes.", "Yes", "Yes."), ("no", "no.", "No", "No."))
     assert Question("state0", [], ("40%",)).variants == (("40%", "40%."),)
-    flat = [form for forms in yes_no.variants for form in forms]
+    flat = list(yes_no.forms)
     logprobs = [math.log(p) for p in (0.2, 0.1, 0.05, 0.05, 0.1, 0.1)] + [-math.inf, -math.inf]
     scores = AnswerScores.merge(OptionScores.from_logprobs(flat, logprobs, [1] * 8), [4, 4])
     assert scores.captured_mass == pytest.approx(0.6)

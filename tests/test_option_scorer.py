@@ -25,10 +25,6 @@ def _questions() -> list:
     return [*STUDIES["study1"].exp2_questions(study1)[:2], *STUDIES["study2"].exp2_questions(study2)]
 
 
-def _forms(question) -> tuple[str, ...]:
-    return tuple(form for forms in question.variants for form in forms)
-
-
 @pytest.mark.parametrize("slug", LOCAL_MODELS)
 def test_a_chat_costs_two_requests_per_question_and_scores_as_its_rendered_text(
     slug, servers, gemma_with_chat_template
@@ -44,23 +40,23 @@ def test_a_chat_costs_two_requests_per_question_and_scores_as_its_rendered_text(
     async def work():
         async with LLMClient(server.base_url, SERVED_NAMES[slug]) as client:
             scorer = OptionScorer(client, "instruct")
-            by_ids = [await scorer.score(q.messages, _forms(q)) for q in questions]
+            by_ids = [await scorer.score(q.messages, q.forms) for q in questions]
             requests = Counter(client.stats.by_path)
 
             end = (await scorer.chat_replies()).end_of_turn
             by_text, canonical = [], []
             for question in questions:
                 text = await client.render_chat(question.messages)
-                replies = [form + end for form in _forms(question)]
+                replies = [form + end for form in question.forms]
                 by_text.append(await score_options(client, text, replies, add_special_tokens=False))
-                context, reply_ids = await scorer.context_and_options(question.messages, _forms(question))
+                context, reply_ids = await scorer.context_and_options(question.messages, question.forms)
                 for reply, ids in zip(replies, reply_ids):
                     tokens = (await client.tokenize(prompt=text + reply, add_special_tokens=False)).tokens
                     canonical.append(tokens == context + ids)
             return requests, by_ids, by_text, canonical
 
     requests, by_ids, by_text, canonical = asyncio.run(work())
-    replies = len({form for question in questions for form in _forms(question)})
+    replies = len({form for question in questions for form in question.forms})
     n = len(questions)
     assert requests == Counter({"/tokenize": n + 3 + 2 * replies, "/detokenize": 2, "/v1/completions": n})
     assert all(canonical), "every context + reply sent is the server's tokenization of its text"

@@ -36,6 +36,11 @@ class Question:
         """Each option's surface forms, scored in the same request and merged per option."""
         return tuple(surface_variants(option) for option in self.options)
 
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """Every surface form of every option, option by option: what one scoring request scores."""
+        return tuple(form for forms in self.variants for form in forms)
+
 
 def surface_variants(option: str) -> tuple[str, ...]:
     """The forms in which a model may give an answer: as written, with its first letter in the other case, and each
