@@ -134,6 +134,37 @@ def test_prompt_logprobs_give_each_prompt_token_its_logprob_rank_and_text(server
         assert entry[str(token)].rank == 1 or entry[str(token)].logprob < best
 
 
+def test_prompt_token_ids_and_logprobs_from_a_start_position(server):
+    """What `score_options` asks: each prompt's token ids back (vLLM's `return_token_ids`) and log-probabilities from
+    one position on (`prompt_logprobs_start`, the embedded server's own field). The embedded server returns null before
+    it and computes nothing there; vLLM ignores the field and returns every position. Either way the positions asked
+    for are those of a request for all of them (the embedded server: bit for bit)."""
+    kind, url = server
+    start = 2
+
+    async def work(client):
+        ids = (await client.tokenize(prompt=TEXT)).tokens
+        every = await client.complete(TEXT, max_tokens=1, temperature=0, prompt_logprobs=0)
+        tail = await client.complete(
+            TEXT, max_tokens=1, temperature=0, prompt_logprobs=0, prompt_logprobs_start=start, return_token_ids=True
+        )
+        return ids, every.choices[0], tail.choices[0]
+
+    (ids, every, tail), _ = _run(url, work)
+    assert len(ids) > start and tail.prompt_token_ids == ids
+    assert every.prompt_token_ids is None, "token ids only when asked for"
+    assert len(tail.prompt_logprobs) == len(ids)
+    if kind == "embedded":
+        assert tail.prompt_logprobs[:start] == [None] * start
+        assert tail.prompt_logprobs[start:] == every.prompt_logprobs[start:]
+    else:
+        logprob = lambda entry: next(iter(entry.values())).logprob  # noqa: E731
+        assert tail.prompt_logprobs[0] is None and all(e is not None for e in tail.prompt_logprobs[1:])
+        assert [logprob(e) for e in tail.prompt_logprobs[1:]] == pytest.approx(
+            [logprob(e) for e in every.prompt_logprobs[1:]], abs=1e-5
+        )
+
+
 def test_echo_with_max_tokens_zero_scores_the_prompt_without_generating(server):
     _, url = server
 

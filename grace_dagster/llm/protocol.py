@@ -65,6 +65,12 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # The embedded server's own: prompt positions before this one come back null (`prompt_logprobs`, echo logprobs)
+    # and cost nothing, for a scorer that reads only an answer's tokens after a context. vLLM ignores it and scores
+    # every position, which a reader of the later positions does not notice.
+    prompt_logprobs_start: int | None = Field(default=None, ge=1)
+    # vLLM's: each choice also carries its prompt's token ids.
+    return_token_ids: bool = False
     add_special_tokens: bool = True
 
     @field_validator("prompt")
@@ -132,6 +138,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 def _id(prefix: str) -> str:

@@ -186,6 +186,7 @@ def create_app(
             metrics.render(
                 {
                     "grace_server_tokens_evaluated_total": engine.tokens_evaluated,
+                    "grace_server_logits_rows_total": engine.logits_rows,
                     "grace_server_generation_tokens_total": engine.tokens_generated,
                 }
             ),
@@ -249,7 +250,13 @@ def create_app(
             # Every sample of the first prompt, then of the next, as vLLM orders the choices.
             sequences = [(p, replace(sampling, seed=seed)) for p in ids for seed in _seeds(req.seed, req.n)]
             # vLLM reports a rank with prompt_logprobs only; echo logprobs need no full-vocabulary count.
-            return engine.submit(sequences, want_prompt_logprobs, top_k, want_rank=req.prompt_logprobs is not None)
+            return engine.submit(
+                sequences,
+                want_prompt_logprobs,
+                top_k,
+                want_rank=req.prompt_logprobs is not None,
+                score_from=req.prompt_logprobs_start or 1,
+            )
 
         results = await answer(request, await in_thread(submit))
         choices = [_completion_choice(engine, i, texts[i // req.n], result, req) for i, result in enumerate(results)]
@@ -380,6 +387,9 @@ def _completion_choice(
     if req.prompt_logprobs is not None:
         prompt_logprobs = [None]
         for token, p in zip(result.prompt_ids[1:], result.prompt_logprobs[1:]):
+            if p is None:  # before prompt_logprobs_start
+                prompt_logprobs.append(None)
+                continue
             # The prompt's own token first, then the top k, as vLLM lists them.
             entry = {
                 str(token): PromptLogprob(
@@ -397,5 +407,6 @@ def _completion_choice(
         logprobs=logprobs,
         finish_reason=result.finish_reason,
         prompt_logprobs=prompt_logprobs,
+        prompt_token_ids=result.prompt_ids if req.return_token_ids else None,
     )
     return choice, result

@@ -3,7 +3,8 @@
 Why not `Llama.create_completion`: its echo logprobs are shifted by one token for models without a BOS token, it
 sorts the whole vocabulary in Python at every position, and `Llama.scores` copies the full context × vocabulary
 matrix. Here every logits row is read once, straight from llama.cpp's output buffer, and reduced on the spot to what
-the response needs (the token's log-probability, its rank if asked, the top-k if asked).
+the response needs (the token's log-probability, its rank if asked, the top-k if asked); rows of prompt positions the
+request does not ask for (`prompt_logprobs_start`) are not computed at all.
 
 Concurrent requests share the model by continuous batching, as vLLM and llama-server do: the context holds one KV
 stream per slot (`n_slots` sequences, llama.cpp's non-unified cache), a scheduler thread evaluates each new prompt in
@@ -238,12 +239,13 @@ class Sequence:
     prompt: list[int]
     cuts: list[int]  # evaluation_cuts(prompt)
     prompt_logprobs: bool
+    score_from: int  # the first position scored; the logits rows of earlier positions are not even computed
     top_k: int | None
     want_rank: bool
     sampling: Sampling
     sampler: TokenSampler
     job: Job
-    scores: list[PositionLogprobs] = field(default_factory=list)
+    scores: list[PositionLogprobs | None] = field(default_factory=list)  # positions 1.., None where not scored
     output: list[int] = field(default_factory=list)
     output_logprobs: list[PositionLogprobs] = field(default_factory=list)
     raw: bytes = b""
@@ -253,8 +255,12 @@ class Sequence:
     def score_key(self) -> tuple:
         return self.top_k, self.want_rank
 
-    def score(self, row: np.ndarray, token: int) -> PositionLogprobs:
-        return _position_logprobs(row, token, self.top_k, self.want_rank)
+    def scored(self, position: int) -> bool:
+        return self.prompt_logprobs and self.score_from <= position < len(self.prompt)
+
+    def score(self, position: int, row: np.ndarray) -> PositionLogprobs:
+        """Position `position`'s scores from the logits row of the position before it."""
+        return _position_logprobs(row, self.prompt[position], self.top_k, self.want_rank)
 
     def finish(self, reason: str, text: str | None = None) -> None:
         self.result = Result(
@@ -300,7 +306,7 @@ class Slot:
     id: int
     tokens: list[int] = field(default_factory=list)  # the stream's cells, position by position
     cuts: list[int] = field(default_factory=list)  # where the prompt ubatches that evaluated them ended
-    scores: list[PositionLogprobs] = field(default_factory=list)  # prompt scores of tokens[1:], as far as known
+    scores: list[PositionLogprobs | None] = field(default_factory=list)  # scores of tokens[1:], None: not scored
     score_key: tuple | None = None
     rows: dict[int, np.ndarray] = field(default_factory=dict)  # logits rows kept at ubatch ends, by position
     sequence: Sequence | None = None
@@ -355,6 +361,7 @@ class Engine:
         self.n_vocab = self.model.n_vocab()
         self.batch = LlamaBatch(n_tokens=max(n_ubatch, n_slots), embd=0, n_seq_max=1)
         self.tokens_evaluated = 0
+        self.logits_rows = 0
         self.tokens_generated = 0
         self._pieces: dict[int, bytes] = {}
         template = chat_template or self.llm.metadata.get("tokenizer.chat_template")
@@ -423,9 +430,17 @@ class Engine:
     # Requests
 
     def submit(
-        self, prompts: list[tuple[list[int], Sampling]], prompt_logprobs: bool, top_k: int | None, want_rank: bool
+        self,
+        prompts: list[tuple[list[int], Sampling]],
+        prompt_logprobs: bool,
+        top_k: int | None,
+        want_rank: bool,
+        score_from: int = 1,
     ) -> Job:
-        """Queue one request: each prompt scored (if `prompt_logprobs`) and continued with its own sampling.
+        """Queue one request: each prompt scored (if `prompt_logprobs`) from position `score_from` on and continued with
+        its own sampling. A scorer that needs only an answer's tokens after a context skips the context's positions:
+        their logits rows are not computed (for Gemma's 262k-token vocabulary, a row costs more than the rest of the
+        model), and the rows that are computed come out the same, bit for bit, as when every row is.
 
         Prompts are checked here, on the caller's thread, so a bad request fails before it waits for the engine."""
         for prompt, sampling in prompts:
@@ -442,7 +457,9 @@ class Engine:
         for prompt, sampling in prompts:
             sampler = TokenSampler(self.model, sampling)
             cuts = evaluation_cuts(prompt, self.vocab, self.n_ubatch)
-            job.sequences.append(Sequence(prompt, cuts, prompt_logprobs, top_k, want_rank, sampling, sampler, job))
+            job.sequences.append(
+                Sequence(prompt, cuts, prompt_logprobs, max(score_from, 1), top_k, want_rank, sampling, sampler, job)
+            )
         job._remaining = len(job.sequences)
         if not job.sequences:
             job.future.set_result([])
@@ -503,7 +520,8 @@ class Engine:
             if not sequence.prompt_logprobs:
                 return n
             if slot.score_key == sequence.score_key and (n - 1) in slot.rows and len(slot.scores) >= n - 1:
-                return n
+                if all(slot.scores[p - 1] is not None for p in range(sequence.score_from, n)):
+                    return n
         return 0
 
     def _admit(self, sequence: Sequence) -> None:
@@ -527,27 +545,27 @@ class Engine:
         slot.truncate(reuse)
         prompt = sequence.prompt
         if sequence.prompt_logprobs:
-            sequence.scores = list(slot.scores)
+            # What the slot holds of positions this request does not ask for is not reported either.
+            sequence.scores = [s if sequence.scored(p) else None for p, s in enumerate(slot.scores, start=1)]
             if reuse:
-                sequence.scores.append(sequence.score(slot.rows[reuse - 1], prompt[reuse]))
+                sequence.scores.append(sequence.score(reuse, slot.rows[reuse - 1]) if sequence.scored(reuse) else None)
             slot.score_key = sequence.score_key
         start = reuse
         for end in (c for c in sequence.cuts if c > reuse):
+            # The rows wanted: each scored position's predecessor; a scored prompt's ubatch end (kept for a later
+            # prompt that shares this prefix: its first own token is scored there); the prompt's end (generation).
+            rows = [
+                p
+                for p in range(start, end)
+                if sequence.scored(p + 1) or (p + 1 == end and (sequence.prompt_logprobs or end == len(prompt)))
+            ]
             # One decode per ubatch: llama.cpp would cut a longer batch every n_ubatch tokens, not at the turn.
-            self._decode(
-                [(prompt[p], p, slot.id) for p in range(start, end)],
-                all_logits=sequence.prompt_logprobs,
-                outputs=end == len(prompt),
-            )
+            self._decode([(prompt[p], p, slot.id) for p in range(start, end)], [p - start for p in rows])
             slot.tokens.extend(prompt[start:end])
             if sequence.prompt_logprobs:
-                for position in range(start, end):
-                    row = self._row(position - start)
-                    if position + 1 < len(prompt):
-                        sequence.scores.append(sequence.score(row, prompt[position + 1]))
-                    if position + 1 == end:
-                        # Kept for a later prompt that shares this prefix: its first own token is scored here.
-                        slot.rows[position] = row.copy()
+                for p in range(start + 1, min(end + 1, len(prompt))):
+                    sequence.scores.append(sequence.score(p, self._row(p - 1 - start)) if sequence.scored(p) else None)
+                slot.rows[end - 1] = self._row(end - 1 - start).copy()
             start = end
         slot.cuts = list(sequence.cuts)
         if sequence.prompt_logprobs:
@@ -556,24 +574,26 @@ class Engine:
 
     # Evaluation
 
-    def _decode(self, entries: list[tuple[int, int, int]], all_logits: bool, outputs: bool = True) -> None:
-        """One llama.cpp decode of (token, position, slot) entries; logits for every entry, or only the last (if any
-        output is wanted)."""
+    def _decode(self, entries: list[tuple[int, int, int]], rows: list[int]) -> None:
+        """One llama.cpp decode of (token, position, slot) entries, computing the logits rows of the entries at the
+        indices `rows` only."""
         batch = self.batch.batch
+        wanted = set(rows)
         for i, (token, position, seq_id) in enumerate(entries):
             batch.token[i], batch.pos[i] = token, position
             batch.seq_id[i][0], batch.n_seq_id[i] = seq_id, 1
-            batch.logits[i] = all_logits or (outputs and i == len(entries) - 1)
+            batch.logits[i] = i in wanted
         batch.n_tokens = len(entries)
         self.ctx.decode(self.batch)
         self.tokens_evaluated += len(entries)
+        self.logits_rows += len(wanted)
 
     def _row(self, index: int) -> np.ndarray:
         return logits_row(self.ctx, index, self.n_vocab)
 
     def _step(self, generating: list[Slot]) -> None:
         """One token for every generating slot in one decode, each slot's token in its own stream."""
-        self._decode([(s.next_token, len(s.tokens), s.id) for s in generating], all_logits=True)
+        self._decode([(s.next_token, len(s.tokens), s.id) for s in generating], list(range(len(generating))))
         for index, slot in enumerate(generating):
             slot.tokens.append(slot.next_token)
             self._next(slot, index)

@@ -9,6 +9,7 @@ HELP = {
     "grace_server_prompt_tokens_total": "Prompt tokens received.",
     "grace_server_generation_tokens_total": "Tokens generated, also for requests whose client left before the answer.",
     "grace_server_tokens_evaluated_total": "Tokens the engine evaluated (a prefix reused from its cache counts once).",
+    "grace_server_logits_rows_total": "Logits rows the engine computed (scored positions, sampled tokens).",
     "grace_server_abandoned_total": "Requests cancelled because their client disconnected before the answer was ready.",
 }
 
