@@ -4,6 +4,7 @@ where a retry can help."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import math
 import time
@@ -189,18 +190,7 @@ VLLM_PROMPT_LOGPROBS_BODY = {
             "logprobs": None,
             "finish_reason": "length",
             "stop_reason": None,
-            "prompt_logprobs": [
-                None,
-                {"9413": {"logprob": -3.25, "rank": 12, "decoded_token": "Answer"}},
-                {"235292": {"logprob": -0.5, "rank": 1, "decoded_token": ":"}},
-            ],
-        },
-        {
-            "index": 1,
-            "text": " yes",
-            "logprobs": None,
-            "finish_reason": "length",
-            "stop_reason": None,
+            "prompt_token_ids": [2, 9413, 235292, 7778, 108],
             "prompt_logprobs": [
                 None,
                 {"9413": {"logprob": -3.25, "rank": 12, "decoded_token": "Answer"}},
@@ -210,11 +200,12 @@ VLLM_PROMPT_LOGPROBS_BODY = {
             ],
         },
         {
-            "index": 2,
+            "index": 1,
             "text": " yes",
             "logprobs": None,
             "finish_reason": "length",
             "stop_reason": None,
+            "prompt_token_ids": [2, 9413, 235292, 793, 108],
             "prompt_logprobs": [
                 None,
                 {"9413": {"logprob": -3.25, "rank": 12, "decoded_token": "Answer"}},
@@ -224,8 +215,10 @@ VLLM_PROMPT_LOGPROBS_BODY = {
             ],
         },
     ],
-    "usage": {"prompt_tokens": 13, "total_tokens": 16, "completion_tokens": 3},
+    "usage": {"prompt_tokens": 10, "total_tokens": 12, "completion_tokens": 2},
 }
+# vLLM's /tokenize of the context "Answer:" (BOS, "Answer", ":").
+VLLM_TOKENIZE_BODY = {"tokens": [2, 9413, 235292], "count": 3, "max_model_len": 8192}
 
 VLLM_ECHO_BODY = {
     "id": "cmpl-2",
@@ -278,20 +271,44 @@ def test_client_parses_vllm_echo_and_prompt_logprobs():
 
 
 def test_scoring_reads_vllm_prompt_logprobs_and_minus_9999_as_zero_probability():
-    transport, calls = _replay((200, VLLM_PROMPT_LOGPROBS_BODY))
+    """vLLM ignores `prompt_logprobs_start` (an embedded-server field) and returns every position; the scorer reads the
+    options' own positions, after the context's tokens (from /tokenize) that each prompt's token ids start with."""
+    transport, calls = _replay((200, VLLM_TOKENIZE_BODY), (200, VLLM_PROMPT_LOGPROBS_BODY))
 
     async def main():
         async with LLMClient("http://vllm:8000", "google/gemma-2-9b-it", transport=transport) as client:
             return await score_options(client, "Answer:", [" yes\n", " no\n"], add_special_tokens=True)
 
     scores = asyncio.run(main())
-    assert calls[0]["prompt"] == ["Answer:", "Answer: yes\n", "Answer: no\n"]
-    assert calls[0]["prompt_logprobs"] == 0 and calls[0]["add_special_tokens"] is True
+    assert calls[0]["prompt"] == "Answer:" and calls[0]["add_special_tokens"] is True
+    assert calls[1]["prompt"] == ["Answer: yes\n", "Answer: no\n"]
+    assert calls[1]["prompt_logprobs"] == 0 and calls[1]["add_special_tokens"] is True
+    assert calls[1]["prompt_logprobs_start"] == 3 and calls[1]["return_token_ids"] is True
     assert scores.logprobs[0] == pytest.approx(-0.35)
     assert scores.logprobs[1] == -math.inf
     assert scores.probabilities == [1.0, 0.0]
     assert scores.captured_mass == pytest.approx(math.exp(-0.35))
     assert scores.n_tokens == [2, 2]
+
+
+def test_scoring_without_prompt_token_ids_reads_them_from_every_position_or_refuses():
+    """A server without `return_token_ids` (an older vLLM) that returns every position: the context's tokens are read
+    from the entries. One that returns neither the ids nor the context's positions cannot be checked: refused."""
+    every = copy.deepcopy(VLLM_PROMPT_LOGPROBS_BODY)
+    for choice in every["choices"]:
+        del choice["prompt_token_ids"]
+    neither = copy.deepcopy(every)
+    for choice in neither["choices"]:
+        choice["prompt_logprobs"][1:3] = [None, None]
+
+    async def score(body):
+        transport, _ = _replay((200, VLLM_TOKENIZE_BODY), (200, body))
+        async with LLMClient("http://vllm:8000", "google/gemma-2-9b-it", transport=transport) as client:
+            return await score_options(client, "Answer:", [" yes\n", " no\n"], add_special_tokens=True)
+
+    assert asyncio.run(score(every)).logprobs == asyncio.run(score(VLLM_PROMPT_LOGPROBS_BODY)).logprobs
+    with pytest.raises(ScoringError, match="no prompt_token_ids"):
+        asyncio.run(score(neither))
 
 
 def test_retries_on_429_and_5xx_then_succeeds():
@@ -339,7 +356,16 @@ def test_scoring_accepts_sentencepiece_token_strings_but_refuses_a_misaligned_sp
         choices = []
         for index, prompt in enumerate(tokens):
             positions = [None] + [{str(t): {"logprob": -0.5, "rank": 1, "decoded_token": s}} for t, s in prompt[1:]]
-            choices.append({"index": index, "text": "", "finish_reason": "length", "prompt_logprobs": positions})
+            ids = [t for t, _ in prompt]
+            choices.append(
+                {
+                    "index": index,
+                    "text": "",
+                    "finish_reason": "length",
+                    "prompt_logprobs": positions,
+                    "prompt_token_ids": ids,
+                }
+            )
         return {
             "id": "x",
             "object": "text_completion",
@@ -350,14 +376,19 @@ def test_scoring_accepts_sentencepiece_token_strings_but_refuses_a_misaligned_sp
         }
 
     context = [(2, "<bos>"), (10, "Answer"), (11, ":")]
-    aligned = body([context, context + [(20, "▁yes"), (21, "\n")], context + [(22, "▁no"), (21, "\n")]])
-    shifted = body([context, context + [(20, "▁yes"), (21, "\n")], context[:-1] + [(23, ":▁no"), (21, "\n")]])
+    aligned = body([context + [(20, "▁yes"), (21, "\n")], context + [(22, "▁no"), (21, "\n")]])
+    shifted = body([context + [(20, "▁yes"), (21, "\n")], context[:-1] + [(23, ":▁no"), (21, "\n")]])
+    # The span itself misread: the option's text is not what its tokens spell.
+    misread = body([context + [(20, "▁yes"), (21, "\n")], context + [(24, "▁nope"), (21, "\n")]])
+    tokenized = {"tokens": [t for t, _ in context], "count": len(context), "max_model_len": 8192}
 
     async def score(replayed):
-        transport, _ = _replay((200, replayed))
+        transport, _ = _replay((200, tokenized), (200, replayed))
         async with LLMClient("http://vllm:8000", "m", transport=transport) as client:
             return await score_options(client, "Answer:", [" yes\n", " no\n"], add_special_tokens=True)
 
     assert asyncio.run(score(aligned)).probabilities == [0.5, 0.5]
-    with pytest.raises(ScoringError):
+    with pytest.raises(ScoringError, match="changes the tokenization of the context"):
         asyncio.run(score(shifted))
+    with pytest.raises(ScoringError, match="its token span reads"):
+        asyncio.run(score(misread))

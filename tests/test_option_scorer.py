@@ -15,6 +15,7 @@ from grace_dagster.llm import LLMClient, ScoringError, score_options
 from grace_dagster.llm.prompting import OptionScorer
 from grace_dagster.studies import STUDIES
 from tests.conftest import LOCAL_MODELS, SERVED_NAMES, with_chat_template
+from tests.pipeline import server_counter
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +64,61 @@ def test_a_chat_costs_two_requests_per_question_and_scores_as_its_rendered_text(
     for ids, text in zip(by_ids, by_text):
         assert ids.n_tokens == text.n_tokens
         assert ids.logprobs == text.logprobs, "the same tokens, evaluated alone: the same numbers"
+
+
+@pytest.mark.parametrize(("slug", "kind"), [("smollm2-135m", "instruct"), ("gemma3-270m", "base")])
+def test_only_the_answers_positions_are_computed_and_score_as_when_every_position_is(slug, kind, servers):
+    """The scorer asks for the answers' positions only (`prompt_logprobs_start`): the engine computes a logits row for
+    each answer token and one per ubatch it evaluates (kept for prefix reuse), not one per context token, and the
+    answers' log-probabilities equal, bit for bit, those of the same prompts scored at every position (evaluated
+    afresh: a slot that scored only answers cannot stand in for a request that asks for everything). Both ways of
+    sending a question: a chat as token ids (SmolLM2) and a base model's plain text (Gemma 3, 262k-token vocabulary,
+    where a logits row costs most)."""
+    url = servers(slug).base_url
+    base = kind == "base"
+
+    def counters() -> tuple[float, float]:
+        return tuple(
+            server_counter(url, name)
+            for name in ("grace_server_logits_rows_total", "grace_server_tokens_evaluated_total")
+        )
+
+    def since(before: tuple[float, float]) -> tuple[float, float]:
+        return tuple(now - then for now, then in zip(counters(), before))
+
+    async def work():
+        async with LLMClient(url, SERVED_NAMES[slug]) as client:
+            scorer = OptionScorer(client, kind)
+            out = []
+            for question in _questions():
+                context, options = await scorer.context_and_options(question.messages, question.forms)
+                before = counters()
+                scores = await score_options(client, context, options, add_special_tokens=base)
+                rows, evaluated = since(before)
+                before = counters()
+                every = await client.complete(
+                    [context + option for option in options],
+                    max_tokens=1,
+                    temperature=0.0,
+                    prompt_logprobs=0,
+                    add_special_tokens=base,
+                )
+                rows_every, evaluated_every = since(before)
+                n_context = len((await client.tokenize(prompt=context)).tokens) if base else len(context)
+                reference = [
+                    sum(next(iter(entry.values())).logprob for entry in choice.prompt_logprobs[n_context:])
+                    for choice in sorted(every.choices, key=lambda c: c.index)
+                ]
+                out.append((scores, reference, rows, evaluated, rows_every, evaluated_every))
+            return out
+
+    for scores, reference, rows, evaluated, rows_every, evaluated_every in asyncio.run(work()):
+        assert scores.logprobs == reference, "the answers' numbers do not depend on which other rows are computed"
+        assert rows_every == evaluated_every, "asked for every position, every evaluated token's row is computed"
+        # Per prompt: the rows of its answer's positions and of its ubatches' ends (the last one generates), at most
+        # its evaluated tokens / 32 + 2 ubatches (32-token ubatches, cut again at the answer's line or turn).
+        assert rows <= sum(scores.n_tokens) + evaluated / 32 + 2 * len(scores.options)
+        assert rows < rows_every
 
 
 # ChatML whose assistant turn opens with "assistant: ": in byte-level BPE the space belongs to the next word, so a

@@ -97,16 +97,27 @@ def _same_text(decoded: str, option: str) -> bool:
     return squeeze(decoded) == squeeze(option)
 
 
-def _positions(choice: CompletionChoice) -> list[tuple[int, float, str]]:
-    """(token id, logprob, decoded text) for prompt positions 1.. (position 0 has no logprob)."""
-    if choice.prompt_logprobs is None:
+def _span(choice: CompletionChoice, start: int) -> list[tuple[int, float, str]]:
+    """(token id, logprob, decoded text) for prompt positions `start`.. (the positions the scorer asked for)."""
+    if choice.prompt_logprobs is None or any(entry is None for entry in choice.prompt_logprobs[start:]):
         raise ScoringError("the server returned no prompt_logprobs; it must support vLLM's prompt_logprobs field")
     out = []
-    for entry in choice.prompt_logprobs[1:]:
+    for entry in choice.prompt_logprobs[start:]:
         # With prompt_logprobs=0 each position holds exactly the prompt token.
         ((token, logprob),) = entry.items()
         out.append((int(token), logprob.logprob, logprob.decoded_token or ""))
     return out
+
+
+def _prompt_ids(choice: CompletionChoice) -> list[int]:
+    """The prompt's token ids at positions 1..: vLLM's `return_token_ids`, or, from a server without it (an older vLLM)
+    that returned every position's log-probability, each entry's own token."""
+    if choice.prompt_token_ids is not None:
+        return choice.prompt_token_ids[1:]
+    entries = choice.prompt_logprobs or []
+    if entries and all(entry is not None for entry in entries[1:]):
+        return [int(next(iter(entry))) for entry in entries[1:]]
+    raise ScoringError("the server returned no prompt_token_ids; it must support vLLM's return_token_ids")
 
 
 async def score_options(
@@ -114,34 +125,38 @@ async def score_options(
 ) -> OptionScores:
     """Score `options` as continuations of `context` in one request.
 
-    As text, the server tokenizes context + option: the context is scored alone too, to learn its tokens, and an
-    option that changes them is refused. As token ids (`prompting.OptionScorer` gives a chat's context and replies
-    that way, already the canonical tokenization of context + option) the prompts are sent as they are.
+    As text, the server tokenizes context + option, and an option that changes the context's own tokenization
+    (learned first, from `/tokenize`) is refused. As token ids (`prompting.OptionScorer` gives a chat's context and
+    replies that way, already the canonical tokenization of context + option) the prompts are sent as they are.
+    Only the options' positions are asked for (`prompt_logprobs_start`): the embedded server then computes no logits
+    for the context's positions; vLLM returns them all, and they are not read.
     `add_special_tokens` is True for plain-text prompts of base models (the tokenizer adds BOS if the model wants
     one) and False for chat-rendered text, which already holds its special tokens (else vLLM adds a second BOS).
     """
     as_ids = isinstance(context, list)
-    prompts = [context + option for option in options]
+    if as_ids:
+        context_ids = context
+    else:
+        context_ids = (await client.tokenize(prompt=context, add_special_tokens=add_special_tokens)).tokens
+    n_context = len(context_ids)
     response = await client.complete(
-        prompts if as_ids else [context, *prompts],
+        [context + option for option in options],
         max_tokens=1,
         temperature=0.0,
         prompt_logprobs=0,
+        prompt_logprobs_start=n_context,
+        return_token_ids=not as_ids,
         add_special_tokens=add_special_tokens,
     )
     choices = sorted(response.choices, key=lambda c: c.index)
-    # The context's tokens at positions 1.. (position 0 has no logprob) and where each option's span starts.
-    context_tokens = context[1:] if as_ids else [p[0] for p in _positions(choices.pop(0))]
-    n_context = len(context_tokens) + 1
     logprobs, n_tokens = [], []
     for option, choice in zip(options, choices, strict=True):
-        positions = _positions(choice)
-        if [p[0] for p in positions[: n_context - 1]] != context_tokens:
+        if not as_ids and _prompt_ids(choice)[: n_context - 1] != context_ids[1:]:
             raise ScoringError(
                 f"option {option!r} changes the tokenization of the context: the option must start at a token "
                 "boundary (start it with a space or end the context with a separator)"
             )
-        span = positions[n_context - 1 :]
+        span = _span(choice, n_context)
         read = [p[0] for p in span] if as_ids else "".join(p[2] for p in span)
         if not span or not (read == option if as_ids else _same_text(read, option)):
             raise ScoringError(f"option {option!r}: its token span reads {read!r}; scores would be misaligned")
