@@ -350,6 +350,18 @@ MALFORMED = [
     ("missing model", {"prompt": "hi"}, 400, "model"),
     ("negative max_tokens", {"model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     (
+        "prompt_logprobs_start below 1",
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "prompt": "hi",
+            "max_tokens": 1,
+            "prompt_logprobs": 0,
+            "prompt_logprobs_start": 0,
+        },
+        400,
+        "prompt_logprobs_start: Input should be greater than or equal to 1",
+    ),
+    (
         "prompt longer than the context",
         {"model": "SmolLM2-135M-Instruct", "prompt": "word " * 9000, "max_tokens": 1},
         400,
