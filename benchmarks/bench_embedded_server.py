@@ -20,7 +20,8 @@ For each local model (same GGUF everywhere):
   form's own tokens), as a fraction of the engine's prefill rate; and the tokens the engine evaluated per second (a
   prompt's tokens after the last ubatch boundary it shares with another are evaluated again, for exactness), also
   as a fraction of its prefill rate, with the logits rows it computed (the scorer asks only for the answers'
-  positions; before that change every position's row was computed, the engine's "prefill scoring every position").
+  positions; before that change every position's row was computed, the engine's "prefill scoring every position"),
+  and the engine's own time for those tokens and rows as a fraction of the scoring's (`scoring_vs_engine_limit`).
 Results: benchmarks/results/embedded_server.json.
 """
 
@@ -285,6 +286,16 @@ def engine_rates_alone(gguf: Path, context_length: int) -> dict:
         return pool.submit(engine_rates, gguf, context_length).result()
 
 
+def scoring_vs_engine_limit(engine: dict, scoring: dict) -> float:
+    """The engine's own time for what the scoring evaluated, over the scoring's time: each token whose logits row was
+    computed (an answer's token, a ubatch's end) at the engine's prefill rate with every row scored, the others at
+    its plain prefill rate. An answer token's log-probability needs its whole row (the log-sum over the vocabulary),
+    so this, not the plain prefill rate, is the engine's limit for this work."""
+    rows, evaluated = scoring["logits_rows"], scoring["tokens_evaluated"]
+    limit = rows / engine["prefill_every_row_scored_tok_s"] + (evaluated - rows) / engine["prefill_tok_s"]
+    return round(limit / scoring["seconds"], 2)
+
+
 def bench_model(model, trials, questions, before: tuple[str, Path] | None) -> dict:
     gguf, ctx, served, kind = gguf_path(model), model.serving.context_length, model.served_name, model.kind
     print(f"{model.slug}: the engine's limit", flush=True)
@@ -349,6 +360,7 @@ def bench_model(model, trials, questions, before: tuple[str, Path] | None) -> di
         "scoring_evaluated_vs_engine_prefill": round(
             out["scoring"]["embedded"]["evaluated_tokens_per_s"] / out["engine"]["prefill_tok_s"], 2
         ),
+        "scoring_vs_engine_limit_for_its_work": scoring_vs_engine_limit(out["engine"], out["scoring"]["embedded"]),
     }
     if before:
         old = f"embedded@{before[0]}"
