@@ -114,10 +114,10 @@ def _prompt_ids(choice: CompletionChoice) -> list[int]:
     that returned every position's log-probability, each entry's own token."""
     if choice.prompt_token_ids is not None:
         return choice.prompt_token_ids[1:]
-    entries = choice.prompt_logprobs or []
-    if entries and all(entry is not None for entry in entries[1:]):
-        return [int(next(iter(entry))) for entry in entries[1:]]
-    raise ScoringError("the server returned no prompt_token_ids; it must support vLLM's return_token_ids")
+    try:
+        return [token for token, _, _ in _span(choice, 1)]
+    except ScoringError:
+        raise ScoringError("the server returned no prompt_token_ids; it must support vLLM's return_token_ids") from None
 
 
 async def score_options(
