@@ -33,7 +33,7 @@ import math
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,14 +336,13 @@ class Engine:
         n_slots: int = DEFAULT_SLOTS,
         n_ubatch: int = N_UBATCH,
     ):
-        # The cores this process may use (a container's share, not the host's count).
-        n_threads = n_threads or len(os.sched_getaffinity(0))
         self.llm = load_without_weight_repacking(
             model_path=str(model_path),
             n_ctx=n_ubatch,  # this context is replaced below
             n_batch=n_ubatch,  # each decode is one ubatch (evaluation_cuts) or one token per slot
             n_ubatch=n_ubatch,
-            n_threads=n_threads,
+            # The cores this process may use (a container's share, not the host's count).
+            n_threads=n_threads or len(os.sched_getaffinity(0)),
             logits_all=False,
             verbose=False,
         )
@@ -375,7 +374,6 @@ class Engine:
         self._pending: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._clock = 0
-        self._sampling = ThreadPoolExecutor(n_threads, thread_name_prefix="engine-sampling")
         threading.Thread(target=self._serve, daemon=True, name="engine-scheduler").start()
 
     # Tokens and text
@@ -572,7 +570,7 @@ class Engine:
         slot.cuts = list(sequence.cuts)
         if sequence.prompt_logprobs:
             slot.scores = list(sequence.scores)
-        self._take(slot, -1, self._sample(slot, -1))
+        self._next(slot, -1)
 
     # Evaluation
 
@@ -594,33 +592,20 @@ class Engine:
         return logits_row(self.ctx, index, self.n_vocab)
 
     def _step(self, generating: list[Slot]) -> None:
-        """One token for every generating slot in one decode, each slot's token in its own stream. The slots sample in
-        parallel: each sequence has its own sampler chain and buffers, and llama.cpp's sampling runs without the GIL
-        (for Gemma's 262k-word vocabulary a sample costs about a fifth of a step's decode)."""
+        """One token for every generating slot in one decode, each slot's token in its own stream."""
         self._decode([(s.next_token, len(s.tokens), s.id) for s in generating], list(range(len(generating))))
-        for slot in generating:
+        for index, slot in enumerate(generating):
             slot.tokens.append(slot.next_token)
-        # The first read of a decode's logits puts llama.cpp's output rows in batch order, which is not thread-safe:
-        # it is done here, once, before the samplers read their rows.
-        llama_cpp.llama_get_logits(self.ctx.ctx)
-        indices = range(len(generating))
-        tokens = (self._sampling.map if len(generating) > 1 else map)(self._sample, generating, indices)
-        for index, slot, token in zip(indices, generating, tokens):
-            self._take(slot, index, token)
+            self._next(slot, index)
 
-    def _sample(self, slot: Slot, index: int) -> int | None:
-        """The slot's next token from output row `index` of the last decode, or None if its sequence is at its limit."""
-        if len(slot.sequence.output) >= slot.sequence.sampling.max_tokens or len(slot.tokens) >= self.n_ctx:
-            return None
-        return slot.sequence.sampler.sample(self.ctx, index)
-
-    def _take(self, slot: Slot, index: int, token: int | None) -> None:
-        """Add the sampled token to the slot's sequence; finish the sequence or queue the token for the next step."""
+    def _next(self, slot: Slot, index: int) -> None:
+        """Sample the slot's next token from output row `index`; finish the sequence or queue the token."""
         sequence, sampling = slot.sequence, slot.sequence.sampling
         slot.next_token = None
-        if token is None:
+        if len(sequence.output) >= sampling.max_tokens or len(slot.tokens) >= self.n_ctx:
             slot.sequence = None
             return sequence.finish("length")
+        token = sequence.sampler.sample(self.ctx, index)
         if sampling.logprobs is not None:
             sequence.output_logprobs.append(_position_logprobs(self._row(index), token, sampling.logprobs, False))
         if llama_cpp.llama_vocab_is_eog(self.vocab, token) and not sampling.ignore_eos:
