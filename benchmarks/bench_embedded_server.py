@@ -22,7 +22,7 @@ For each local model (same GGUF everywhere):
   as a fraction of its prefill rate, with the logits rows it computed (the scorer asks only for the answers'
   positions; before that change every position's row was computed, the engine's "prefill scoring every position"),
   and the engine's own time for those tokens and rows as a fraction of the scoring's (`scoring_vs_engine_limit`).
-These machines are shared and a single run moves by 10-20%: the goals' figures (concurrency 4, scoring) are measured
+These machines are shared and a single run moves by 10-20%: the headline figures (concurrency 4, scoring) are measured
 `--rounds` times (3 by default), the servers alternating within each round, and the median run is kept with every
 run's rate (`runs`); concurrency 1 and 8 are measured once.
 Results: benchmarks/results/embedded_server.json.
@@ -62,7 +62,7 @@ RESULTS = REPO / "benchmarks" / "results" / "embedded_server.json"
 MODELS = ["smollm2-135m", "gemma3-270m"]
 STUDY = "study2"
 CONCURRENCY = [1, 4, 8]
-GOAL_CONCURRENCY = 4  # the issue's goals are set at concurrency 4
+GOAL_CONCURRENCY = 4  # the concurrency the server is judged at (a run's client keeps 4 requests in flight)
 SLOTS = max(CONCURRENCY)
 THREADS = len(os.sched_getaffinity(0))
 
@@ -332,7 +332,7 @@ def bench_model(model, trials, questions, before: tuple[str, Path] | None, round
     runs = {"embedded": ("answers", "answers_to_limit"), "llama-server": ("answers_to_limit",)}
     generated, scored = {}, {}
     for round_ in range(rounds):
-        # The goals' figures (concurrency 4, scoring) in every round, the servers alternating within it; concurrency
+        # The headline figures (concurrency 4, scoring) in every round, the servers alternating within it; concurrency
         # 1 and 8 in the first round only.
         levels = CONCURRENCY if round_ == 0 else [GOAL_CONCURRENCY]
         for name, start in servers.items():
@@ -402,7 +402,7 @@ def main() -> None:
     parser.add_argument("--before", metavar="REV", help="also serve from this commit (the server before a change)")
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="runs of the goals' figures (concurrency 4, scoring); the median is kept"
+        "--rounds", type=int, default=3, help="runs of the headline figures (concurrency 4, scoring), median kept"
     )
     args = parser.parse_args()
     registry = load_registry()
