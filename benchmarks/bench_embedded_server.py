@@ -405,6 +405,8 @@ def main() -> None:
         "--rounds", type=int, default=3, help="runs of the headline figures (concurrency 4, scoring), median kept"
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1")
     registry = load_registry()
     trials = study_trials(args.trials)
     questions = [q for t in trials.itertuples(index=False) for q in STUDIES[STUDY].exp2_questions(t)]
