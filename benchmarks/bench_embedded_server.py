@@ -347,7 +347,7 @@ def bench_model(model, trials, questions, before: tuple[str, Path] | None, round
                     )
             if name.startswith("embedded"):  # llama-server cannot return prompt log-probabilities
                 with start() as url:
-                    seconds = asyncio.run(score(url, served, kind, questions, 4))
+                    seconds = asyncio.run(score(url, served, kind, questions, GOAL_CONCURRENCY))
                     evaluated = tokens_evaluated(url)
                     rows = server_counter(url, "grace_server_logits_rows_total")
                 run = {
