@@ -39,7 +39,7 @@ from benchmarks.common import REPO, machine
 from grace_dagster.llm import prompting
 from grace_dagster.registry import load_registry
 from grace_dagster.resources import ExperimentSettings
-from grace_dagster.serving.engine import Engine
+from grace_dagster.serving.engine import N_UBATCH, Engine, _position_logprobs, logits_row
 from grace_dagster.serving.weights import gguf_path
 from grace_dagster.studies import STUDIES
 
@@ -83,9 +83,7 @@ class Evaluator:
             batch.logits[i] = True
         batch.n_tokens = len(entries)
         self.ctx.decode(self.batch)
-        return [
-            np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(self.n_vocab,)).copy() for i in range(len(entries))
-        ]
+        return [logits_row(self.ctx, i, self.n_vocab).copy() for i in range(len(entries))]
 
     def evaluate(self, tokens: list[int], seq: int, start: int, ubatch: int) -> list[np.ndarray]:
         """Positions start.. of `tokens` in sequence `seq`, in ubatches of `ubatch` tokens; their rows."""
@@ -101,18 +99,13 @@ def predicted(tokens: list[int], start: int) -> list[int | None]:
     return [*tokens[start + 1 :], None]
 
 
-def log_softmax(row: np.ndarray) -> np.ndarray:
-    shifted = row.astype(np.float64) - row.max()
-    return shifted - np.log(np.exp(shifted).sum())
-
-
 def difference(rows: list[np.ndarray], reference: list[np.ndarray], next_tokens: list[int | None]) -> dict:
     """Largest logit difference over the rows, and largest difference of the log-probability of each row's next
-    prompt token (None: the row predicts no prompt token)."""
+    prompt token as the server computes it (None: the row predicts no prompt token)."""
     logit = max(float(np.abs(a - b).max()) for a, b in zip(rows, reference, strict=True))
     logprob = max(
         (
-            abs(float(log_softmax(a)[t] - log_softmax(b)[t]))
+            abs(_position_logprobs(a, t, None, False).logprob - _position_logprobs(b, t, None, False).logprob)
             for a, b, t in zip(rows, reference, next_tokens, strict=True)
             if t is not None
         ),
@@ -145,7 +138,7 @@ def measure(evaluator: Evaluator, context: list[int], replies: list[list[int]]) 
     out = {}
 
     evaluator.clear()
-    reference = evaluator.evaluate(prompt, 0, 0, 32)
+    reference = evaluator.evaluate(prompt, 0, 0, N_UBATCH)
     for ubatch in (1, 8, CALL_TOKENS):
         evaluator.clear()
         out[f"ubatch_{ubatch}"] = difference(evaluator.evaluate(prompt, 0, 0, ubatch), reference, predicted(prompt, 0))
@@ -153,12 +146,12 @@ def measure(evaluator: Evaluator, context: list[int], replies: list[list[int]]) 
     def with_context() -> None:
         evaluator.clear()
         for seq in range(len(replies)):
-            evaluator.evaluate(context, seq, 0, 32)
+            evaluator.evaluate(context, seq, 0, N_UBATCH)
 
     with_context()
-    alone = [
-        row for seq, reply in enumerate(replies) for row in evaluator.evaluate(context + reply, seq, len(context), 32)
-    ]
+    alone = []
+    for seq, reply in enumerate(replies):
+        alone += evaluator.evaluate(context + reply, seq, len(context), N_UBATCH)
     with_context()
     together = evaluator.decode(
         [(token, len(context) + i, seq) for seq, reply in enumerate(replies) for i, token in enumerate(reply)]
@@ -167,7 +160,7 @@ def measure(evaluator: Evaluator, context: list[int], replies: list[list[int]]) 
     out["replies_together"] = difference(together, alone, following)
 
     others = [prompt[:n] for n in (40, 57, 23)]  # three running sequences: prefixes of the prompt, other lengths
-    n_steps = -(-len(prompt) // 32)  # one decode step of theirs per ubatch of the prompt
+    n_steps = -(-len(prompt) // N_UBATCH)  # one decode step of theirs per ubatch of the prompt
 
     def their_step(step: int) -> list[tuple[int, int, int]]:
         return [(prompt[len(t) + step], len(t) + step, seq) for seq, t in enumerate(others, start=1)]
@@ -175,15 +168,15 @@ def measure(evaluator: Evaluator, context: list[int], replies: list[list[int]]) 
     def with_others() -> None:
         evaluator.clear()
         for seq, tokens in enumerate(others, start=1):
-            evaluator.evaluate(tokens, seq, 0, 32)
+            evaluator.evaluate(tokens, seq, 0, N_UBATCH)
 
     with_others()
-    prompt_alone = evaluator.evaluate(prompt, 0, 0, 32)
+    prompt_alone = evaluator.evaluate(prompt, 0, 0, N_UBATCH)
     steps_alone = [row for step in range(n_steps) for row in evaluator.decode(their_step(step))]
     with_others()
     prompt_mixed, steps_mixed = [], []
     for step in range(n_steps):
-        ours = [(prompt[p], p, 0) for p in range(32 * step, min(32 * step + 32, len(prompt)))]
+        ours = [(prompt[p], p, 0) for p in range(N_UBATCH * step, min(N_UBATCH * (step + 1), len(prompt)))]
         rows = evaluator.decode(ours + their_step(step))
         prompt_mixed += rows[: len(ours)]
         steps_mixed += rows[len(ours) :]
