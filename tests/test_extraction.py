@@ -38,6 +38,13 @@ def read(turn_key, text, finish_reason="stop"):
         ("bets", "0:0, 1:0, 2:100, 3:0 - he said two.", {"Bet_0": 0, "Bet_1": 0, "Bet_2": 100, "Bet_3": 0}),
         ("knowledge", "No.", {"Knowledge_A": "no"}),
         ("knowledge", "Yes, he looked at all of them.", {"Knowledge_A": "yes"}),
+        ("knowledge", "No, he doesn't know exactly.", {"Knowledge_A": "no"}),
+        ("prior", "Two. Seeds usually sprout when they are watered.", {"Prior_A": 2}),
+        (
+            "bets",
+            "Here are my bets:\n0: $5\n1: $10\n2: $60\n3: $25\nTotal: $100",
+            {"Bet_0": 5, "Bet_1": 10, "Bet_2": 60, "Bet_3": 25},
+        ),
     ],
 )
 def test_study1_turn_parsers_read_the_requested_formats(turn, text, expected):
@@ -55,6 +62,28 @@ def test_study1_turn_parsers_read_the_requested_formats(turn, text, expected):
         ("bets", "0: <dollars>, 1: <dollars>, 2: <dollars>, 3: <dollars>"),  # the template echoed
         ("knowledge", "Yes and no."),
         ("knowledge", "I can't tell."),
+        # An answer's word that does not give the answer, or an answer the rest of the reply qualifies or takes back.
+        ("prior", "One can't know."),
+        ("prior", "None of us can know."),
+        ("prior", "2 or more"),
+        ("prior", "2+"),
+        ("prior", "Two, or maybe all."),
+        ("prior", "3 is unlikely."),
+        ("prior", "2, but I'm really not sure."),
+        ("prior", "1. Seeds usually sprout when watered.\nSo probably most of them."),  # a numbered list
+        ("prior", "2. Actually no, fewer."),
+        ("bets", "0: 10-20, 1: 20, 2: 50, 3: 20"),
+        ("bets", "0: 10 (maybe 15), 1: 20, 2: 50, 3: 20"),
+        ("bets", "I can't bet. An example of the format would be 0: 25, 1: 25, 2: 25, 3: 25."),
+        ("bets", "0: 10, 1: 20, 2: 50, 3: 20 - wait, that's wrong, let me redo it."),
+        ("bets", "0: 10%, 1: 20%, 2: 50%, 3: 20%"),
+        ("knowledge", "No idea."),
+        ("knowledge", "No doubt he knows."),
+        ("knowledge", "No, he knows exactly."),
+        ("knowledge", "No. I can't tell."),
+        ("knowledge", "Yes. Actually, he doesn't know exactly."),
+        ("knowledge", "Yes, unless he lied."),
+        ("knowledge", "Yes.\n\nNote: she only looked at 2, so she can't know exactly."),
     ],
 )
 def test_study1_unreadable_or_ambiguous_replies_go_to_the_judge(turn, text):
@@ -101,6 +130,20 @@ POLARITY_TABLE = [
     ("Ann would praise the poem.", JUDGE),  # no utterance at all
     ("She would tell him it was amazing.", JUDGE),  # reported, not the reply's own answer
     ("If I were Ann: it wasn't bad.", JUDGE),
+    ("It was amazing! No - she'd never say that.", JUDGE),  # taken back after the utterance
+    ("It was good. Or rather, bad.", JUDGE),
+    ("It was amazing. Just kidding. Terrible.", JUDGE),
+    ("It was amazing. NOT.", JUDGE),
+    ("It was good. Probably.", JUDGE),
+    ("It was good*\n*if she is being kind; otherwise terrible.", JUDGE),  # a footnote
+    ("It was not.", JUDGE),  # incomplete, not an answer outside the set
+    ('Ann would refuse to say "It was amazing."', JUDGE),  # quoted as what is not said
+    ('Ann is too honest to say "It was amazing."', JUDGE),
+    ('It would be cruel to say "It was terrible."', JUDGE),
+    ('Nobody would say "It was terrible."', JUDGE),
+    ('Ann would say "It was good" if she wanted to be nice, but she would not.', JUDGE),
+    ('Ann would reply "It was good", or maybe amazing.', JUDGE),
+    ('I\'d say "It was good."', "It was good"),
 ]
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from grace_dagster.studies import analysis
 from grace_dagster.studies.base import ID_COLUMN, Analysis, AnalysisInput, Question, Study, Trial, Turn, user
 from grace_dagster.studies.inputs import Column, int_in_range, one_of, text
-from grace_dagster.studies.text import NAME, first_name_match, number_value, plain_reply
+from grace_dagster.studies.text import NAME, first_name_match, is_person, number_value, plain_reply, settled
 
 # --- Reading the trial: who speaks, what they looked at, what they report --------------------------------------------
 
@@ -139,48 +139,88 @@ class Answer(KnowledgeAnswer, BetsAnswer, PriorAnswer):
     inherited fields from the last base)."""
 
 
-def _first_answer(text: str, label: str, value: str) -> re.Match[str] | None:
-    """The reply's leading answer, after an optional label such as "Prior:" or "Answer:"."""
-    return re.match(rf"(?:(?:answer|{label})\s*[:=-]\s*)?(?P<value>{value})\b", plain_reply(text), re.IGNORECASE)
+def _leading_answer(text: str, label: str, answer: str) -> tuple[re.Match[str], str] | None:
+    """The reply's leading answer (the pattern `answer`, after an optional label such as "Prior:" or "Answer:") and
+    the text after it, when the answer ends there: at the reply's end, a punctuation mark or a line break. "2 or
+    more", "One can't know", "No idea" and "Yes if he looked" open with an answer's word without giving it."""
+    reply = plain_reply(text)
+    match = re.match(rf"(?:(?:answer|{label})\s*[:=-]\s*)?{answer}\s*(?=[.!,;:\n]|$)", reply, re.IGNORECASE)
+    return (match, reply[match.end() :]) if match else None
 
 
-_TOTAL = re.compile(r"\b(?:out\s+)?of\s+(?:the\s+)?(?:3|three)\b", re.IGNORECASE)
-_ANY_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|zero|none|one|two|three)\b", re.IGNORECASE)
+# A reply's own number, and what names a number or an amount of the objects after it (a second answer, or a range).
+_NUMBER = r"\d+(?:\.\d+)?|zero|none|one|two|three"
+_AMOUNT = re.compile(
+    rf"\d|\b(?:{_NUMBER}|all|most|some|few|fewer|more|less|half|majority|any|every|each|both|several|many)\b",
+    re.IGNORECASE,
+)
 
 
 def parse_prior(text: str) -> dict | None:
-    """A reply that opens with the number ("2", "Two.", "Prior: 2 of the 3 seeds") and names no other number."""
-    match = _first_answer(text, "prior", r"\d+(?:\.\d+)?|zero|none|one|two|three")
-    if not match:
+    """A reply that is the number ("2", "Two.", "Prior: 2 of the 3 seeds", "None of them"), or opens with it and goes
+    on only to give a reason that names no other amount and does not hedge ("2. Seeds usually sprout")."""
+    found = _leading_answer(
+        text, "prior", rf"(?P<value>{_NUMBER})(?:\s+(?:out\s+)?of\s+(?:the\s+)?(?:3|three)(?:\s+[a-z]+)?|\s+of\s+them)?"
+    )
+    if not found:
         return None
-    value = number_value(match.group("value"))
-    rest = _TOTAL.sub("", plain_reply(text)[match.end() :])
-    if any(number_value(other) != value for other in _ANY_NUMBER.findall(rest)):
-        return None  # "2, or maybe 3": the participant did not settle on one
-    return {"Prior_A": value}
+    match, rest = found
+    if match.group("value").isdigit() and re.match(r"[.)][ \t]*[^\s.]", rest):
+        return None  # "1. Seeds usually sprout...": the first item of a numbered list, not an answer
+    return {"Prior_A": number_value(match.group("value"))} if settled(rest, _AMOUNT) else None
 
 
 _BET = re.compile(r"(?<![\d.])(\d+)\s*[:=]\s*\$?\s*(\d+(?:\.\d+)?)")
+# What may stand around the four bets: labels, the total, the currency.
+_BET_FRAME = re.compile(r"\b(?:bets?|answer)\s*[:=-]|\btotal\s*[:=]?\s*\$?\s*100\b|\$|\bdollars?\b", re.IGNORECASE)
+# Units that would make the numbers something other than whole dollars out of 100.
+_BET_UNIT = re.compile(r"\d|[/%]|\b(?:cents?|percent|thousands?|millions?|points?|k)\b", re.IGNORECASE)
 
 
 def parse_bets(text: str) -> dict | None:
-    """Bets given as "0: 10, 1: 20, 2: 50, 3: 20" (with or without $), each state once. Values are returned as
-    read, even out of range or not adding up to 100, so the schema refuses them with the reason."""
-    pairs = _BET.findall(plain_reply(text))
+    """Bets given as "0: 10, 1: 20, 2: 50, 3: 20" (with or without $), each state once, and nothing around them but
+    labels, the total and a reason that does not hedge ("0: 10-20", "0: 10 (maybe 15)" and "I can't bet; the format
+    would be 0: 25, ..." go to the judge). Values are returned as read, even out of range or not adding up to 100,
+    so the schema refuses them with the reason."""
+    reply = plain_reply(text)
     bets: dict[str, str] = {}
-    for state, dollars in pairs:
+    for state, dollars in _BET.findall(reply):
         if bets.setdefault(state, dollars) != dollars:
             return None  # two different bets on one state
     if set(bets) != {str(k) for k in STATES}:
         return None
+    if not settled(_BET_FRAME.sub(" ", _BET.sub(" ", reply)), _BET_UNIT):
+        return None
     return {f"Bet_{k}": number_value(bets[str(k)]) for k in STATES}
 
 
+# "No, he doesn't know exactly": the speaker's not knowing, which agrees with a "no" (the speaker is he, she, they or a
+# name; "No, I can't tell" is the participant's own doubt).
+_NOT_KNOWING = re.compile(
+    rf"\b(?P<who>{NAME})\s+(?:doesn't|does\s+not|didn't|did\s+not|can't|cannot|couldn't|could\s+not)(?:\s+know)?\b",
+    re.IGNORECASE,
+)
+_YES_NO = re.compile(r"\b(?:yes|no)\b", re.IGNORECASE)
+# After a "no" and the speaker's not knowing taken out, any of these is a second answer ("No, he knows", "No, he does").
+_KNOWING = re.compile(r"\b(?:yes|no|knows?|knew|does|did|do|can|could)\b", re.IGNORECASE)
+
+
+def _without_not_knowing(rest: str) -> str:
+    return _NOT_KNOWING.sub(lambda m: " " if is_person(m.group("who")) else m.group(0), rest)
+
+
 def parse_knowledge(text: str) -> dict | None:
-    """A reply that opens with yes or no and does not also say the other."""
-    match = _first_answer(text, "knowledge", "yes|no")
-    said = {word.lower() for word in re.findall(r"\b(yes|no)\b", plain_reply(text), re.IGNORECASE)}
-    return {"Knowledge_A": match.group("value").lower()} if match and len(said) == 1 else None
+    """A reply that is yes or no, or opens with it and goes on only to agree: after a yes, a reason without negation
+    or hedge ("Yes, he looked at all of them"); after a no, the speaker's not knowing ("No, she doesn't know
+    exactly"). "No idea", "No, he knows" and "Yes. Actually, he doesn't" go to the judge."""
+    found = _leading_answer(text, "knowledge", "(?P<value>yes|no)")
+    if not found:
+        return None
+    match, rest = found
+    value = match.group("value").lower()
+    if value == "no":
+        return {"Knowledge_A": value} if settled(_without_not_knowing(rest), _KNOWING) else None
+    return {"Knowledge_A": value} if settled(rest, _YES_NO) else None
 
 
 TURNS = (

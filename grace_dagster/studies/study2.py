@@ -30,7 +30,7 @@ from grace_dagster.studies.base import (
     value,
 )
 from grace_dagster.studies.inputs import Column, int_in_range, one_of, text
-from grace_dagster.studies.text import NAME, first_name_match, without_markup
+from grace_dagster.studies.text import NAME, first_name_match, is_person, settled, without_markup
 
 GOALS = ("informative", "social", "both")
 _HEARTS = re.compile(r"^\s*([0-3])\s*(?:(?:out\s+)?of\s+3\s+)?(?:hearts?)?\s*$", re.IGNORECASE)
@@ -187,22 +187,21 @@ class Answer(BaseModel):
 
 # "It was/wasn't/was not <word>": the word is captured whatever it is, so an answer outside the eight utterances is
 # refused by the schema with its word named, rather than mapped to the nearest allowed one.
-_UTTERANCE = r"it\s+(?P<polarity>was\s+not|wasn't|was)\s+(?P<word>[a-z]+)"
+_UTTERANCE = r"it\s+(?P<polarity>was\s+not|wasn't|was)\s+(?P<word>(?!not\b)[a-z]+)"
 _LABEL = r"(?:(?:answer|response|reply|utterance)\s*[:=-]\s*)?"
 _LEADING = re.compile(rf"^{_LABEL}[\"“]?{_UTTERANCE}[\"”]?\s*(?:[.!\n]|$)", re.IGNORECASE)
-_ANY_UTTERANCE = re.compile(rf"\b{_UTTERANCE}\b", re.IGNORECASE)
 _WHOLE_UTTERANCE = re.compile(rf"^\s*{_UTTERANCE}\s*[.!]?\s*$", re.IGNORECASE)
 _QUOTED = re.compile(r"[\"“]([^\"“”]*)[\"”]")
-# What may come before a quoted answer: someone saying it ("Ann would probably say:"), and no word that turns the
-# quote into what is not said ("wouldn't say", "rude to say", "instead of").
+# Who may say a quoted answer, and how: "Ann would say", "She'd probably reply:", "I would say something like". Only
+# these: "Ann would refuse to say", "Nobody would say" and "It would be cruel to say" quote what is not said.
 _SAYING = re.compile(
-    r"\b(?:say|says|said|reply|replies|answer|answers|respond|responds|tell\s+\w+|tells\s+\w+)"
-    r"(?:\s+something\s+like)?\s*[:,]?\s*$",
+    rf"^(?:(?P<who>{NAME})\s+)?(?:would\s+|will\s+|'d\s+)?(?:probably\s+|most\s+likely\s+|likely\s+)?"
+    r"(?:say|reply|answer|respond|tell\s+\w+)(?:\s+something\s+like)?\s*[:,]?\s*$",
     re.IGNORECASE,
 )
-_DENIAL = re.compile(
-    r"n't|\b(?:not|never|no|instead|rather|avoid|rude|unkind|lie|lying|wrong|hurt|harsh|mean|but)\b", re.IGNORECASE
-)
+# Words that would make the text after an utterance a second answer ("it was" opens one, whatever its word) or a
+# comment on the answer's word.
+_ASSESSMENT = re.compile(r"\b(?:terrible|bad|good|amazing|it\s+was)\b", re.IGNORECASE)
 
 
 def _reading(match: re.Match[str]) -> tuple[str, str]:
@@ -211,8 +210,9 @@ def _reading(match: re.Match[str]) -> tuple[str, str]:
 
 
 def _alone(reading: tuple[str, str], rest: str) -> tuple[str, str] | None:
-    """`reading`, unless the rest of the reply names another utterance."""
-    return None if any(_reading(m) != reading for m in _ANY_UTTERANCE.finditer(rest)) else reading
+    """`reading`, if the rest of the reply leaves it as it is: no other utterance, no word of the answer set, no
+    hedge, negation or correction ("It was good. Or rather, bad.", "It was amazing. NOT.")."""
+    return reading if settled(rest, _ASSESSMENT) else None
 
 
 def _leading_reading(reply: str) -> tuple[str, str] | None:
@@ -220,21 +220,29 @@ def _leading_reading(reply: str) -> tuple[str, str] | None:
     return _alone(_reading(match), reply[match.end() :]) if match else None
 
 
+def _sayer(before: str) -> bool:
+    match = _SAYING.match(before.strip())
+    if not match:
+        return False
+    who = (match.group("who") or "").removesuffix("'d")  # the name pattern takes in "She'd"
+    return not who or who == "I" or is_person(who)
+
+
 def _quoted_reading(reply: str) -> tuple[str, str] | None:
     spans = list(_QUOTED.finditer(reply))
     if len(spans) != 1:
         return None
     whole = _WHOLE_UTTERANCE.match(spans[0].group(1))
-    before = reply[: spans[0].start()]
-    if not whole or not _SAYING.search(before) or _DENIAL.search(before):
+    if not whole or not _sayer(reply[: spans[0].start()]):
         return None
     return _alone(_reading(whole), reply[spans[0].end() :])
 
 
 def parse_answer(text: str) -> dict | None:
     """The utterance, read only where it is unambiguous: the reply is the utterance or opens with it as a sentence,
-    or the reply's one quoted span is the utterance and the text before it has someone say it. Anything else
-    (negated, embedded, hedged, several utterances) goes to the judge."""
+    or the reply's one quoted span is the utterance and the text before it is someone saying it ("Ann would say");
+    what follows may only give a reason (no other utterance or word of the answer set, no hedge, negation or
+    correction). Anything else (negated, embedded, hedged, several utterances) goes to the judge."""
     reply = without_markup(text)
     if len(reply) > 1 and reply[0] in '"“' and reply[-1] in '"”' and len(_QUOTED.findall(reply)) == 1:
         reply = reply[1:-1].strip()  # the whole reply in quotes

@@ -24,6 +24,11 @@ def is_name(word: str) -> bool:
     return word[:1].isupper() and word.removesuffix("'s").removesuffix("’s") not in NOT_NAMES
 
 
+def is_person(word: str) -> bool:
+    """A name or a third-person pronoun: someone a reply's clause can be about ("he doesn't know", "Ann would say")."""
+    return word.lower() in ("he", "she", "they") or is_name(word)
+
+
 def first_name_match(pattern: re.Pattern[str], text: str, *groups: str) -> tuple[str, ...] | None:
     """The first match of `pattern` whose named `groups` are all names."""
     for match in pattern.finditer(text):
@@ -54,3 +59,22 @@ def without_markup(text: str) -> str:
 def plain_reply(text: str) -> str:
     """A reply without markdown, surrounding quotes and whitespace, its apostrophes straight."""
     return without_markup(text).strip(_QUOTES + " \n\t")
+
+
+# What turns the text after a reply's answer into something other than a reason for it: a question, a negation, a
+# hedge, a correction, an alternative or a condition ("2, but I'm not sure", "It was good. Or rather, bad.", "Yes,
+# unless he lied"). Deliberately broad: a reason that uses one of these words goes to the judge, which costs a
+# request; a hedge read as a settled answer would be a wrong number in the data.
+_QUALIFIER = re.compile(
+    r"[?+%]|n't\b|\b(?:not|no|nor|never|none|or|but|however|though|although|yet|actually|maybe|perhaps|possibly|"
+    r"probably|likely|unlikely|might|may|could|guess|think|unsure|sure|certain|uncertain|wait|mean|rather|instead|"
+    r"kidding|joking|unless|if|except|otherwise|approximately|roughly|around|only|just|sarcastic\w*|honest\w*|"
+    r"depends|either|neither)\b",
+    re.IGNORECASE,
+)
+
+
+def settled(rest: str, answer_words: re.Pattern[str]) -> bool:
+    """Whether the text after a reply's answer leaves that answer as it is: it names none of the turn's answer words
+    (a second answer, or the same one qualified) and no question, negation, hedge or correction."""
+    return not _QUALIFIER.search(rest) and not answer_words.search(rest)
