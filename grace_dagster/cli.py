@@ -20,22 +20,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from grace_dagster.registry import load_registry
-    from grace_dagster.registry.loader import RegistryError
     from grace_dagster.runner import QUICK_TRIALS, print_summary, run_pipeline
     from grace_dagster.studies import STUDIES
 
+    studies = args.studies or list(STUDIES)
+    unknown = [s for s in studies if s not in STUDIES]
+    if unknown:
+        args.parser.error(
+            f"argument --studies: no study {', '.join(map(repr, unknown))}; the studies are {', '.join(STUDIES)}"
+        )
     _dagster_home()
     models = args.models or [m.slug for m in load_registry().participants(backend="embedded")]
     trial_limit = None if args.full else (args.trials or QUICK_TRIALS)
     profile = "full size" if trial_limit is None else f"quick profile: first {trial_limit} trials per study"
-    print(f"grace run: {', '.join(models)} on {', '.join(args.studies or STUDIES)} ({profile})", file=sys.stderr)
-    try:
-        reports = run_pipeline(
-            DagsterInstance.get(), models, args.studies or list(STUDIES), args.experiments, trial_limit
-        )
-    except RegistryError as error:
-        print(f"grace run: {error}", file=sys.stderr)
-        return 2
+    print(f"grace run: {', '.join(models)} on {', '.join(studies)} ({profile})", file=sys.stderr)
+    reports = run_pipeline(DagsterInstance.get(), models, studies, args.experiments, trial_limit)
     print_summary(reports)
     # A run stopped by a blocking check did its job (the summary says why); an exception or a bad input did not.
     return 1 if any(r.errored for r in reports) else 0
@@ -132,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiments", nargs="*", default=["exp1", "exp2"], choices=["exp1", "exp2"])
     run.add_argument("--trials", type=int, help="trials per study in the quick profile (default: 12)")
     run.add_argument("--full", action="store_true", help="run every trial (300 and 2,424), not the quick profile")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, parser=run)
 
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--registry", help="registry file (default: the packaged models.yaml)")
@@ -190,9 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    # Imported only once something failed: loading the studies takes a second `grace serve` need not spend.
+    from grace_dagster.registry.loader import RegistryError
+    from grace_dagster.studies.inputs import InputError
+
+    return RegistryError, InputError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as error:
+        # A bad registry or study file: its message names the file, the place and the fix; a traceback would bury it.
+        if not isinstance(error, _bad_input_errors()):
+            raise
+        print(f"grace {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from grace_dagster.assets import ALL_ASSETS, ALL_CHECKS, ANALYSIS_ASSETS, EXPERI
 from grace_dagster.assets.common import run_tags
 from grace_dagster.resources import ExperimentSettings
 from grace_dagster.resources.defaults import default_resources
+from grace_dagster.studies import STUDIES
 
 QUICK_TRIALS = 12  # study 1: every (access, observed) condition twice; study 2: every goal × state cell once
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -63,6 +64,10 @@ def run_pipeline(
     registry = resources["llm"].registry()
     for model in models:
         registry.get(model)  # an unknown slug stops here, before it becomes a partition
+    for study in studies:
+        # What study_trials runs, before any Dagster run: a bad file's InputError is then all the user sees, where
+        # the asset's failure would come after some 90 lines of Dagster's log of the failed step and its stack.
+        STUDIES[study].load(resources["storage"].input_path(STUDIES[study]))
     for study in studies:
         result = materialize(
             [study_trials],

@@ -124,6 +124,21 @@ BAD_ENTRIES = [
         _mutate("gemma-2-27b", ["nrp_exceptions"], [{"rule": "gpus-over-9000", "reason": "because it is big"}]),
         r"nrp_exceptions.0.rule",
     ),
+    (
+        "missing serving backend",
+        _mutate("smollm2-135m", ["serving", "backend"], _DELETE),
+        r"entry 1 \(slug 'smollm2-135m'\), field serving\.backend: required, one of embedded, vllm, external$",
+    ),
+    (
+        "missing weights source",
+        _mutate("smollm2-135m", ["weights", "source"], _DELETE),
+        r"entry 1 \(slug 'smollm2-135m'\), field weights\.source: required, one of pypi, huggingface, api$",
+    ),
+    (
+        "version read as a number",
+        _mutate("smollm2-135m", ["weights", "version"], 1.0),
+        r'field weights\.version: expected text, but YAML read the number 1\.0: quote the value, e\.g\. "1\.0"$',
+    ),
 ]
 
 
@@ -152,3 +167,31 @@ def test_unreadable_registry_files_are_refused(tmp_path):
     empty.write_text("")
     with pytest.raises(RegistryError, match="expected a mapping with a 'models' list"):
         load_registry(empty)
+
+
+def test_duplicate_slug_names_both_entries(tmp_path):
+    raw = _base()
+    first = next(number for number, m in enumerate(raw["models"], start=1) if m["slug"] == "gemma-2-9b")
+    _mutate_duplicate(raw)
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    assert (
+        f"registry, field models: duplicate slug 'gemma-2-9b' in entries {first} and {len(raw['models'])}: "
+        "each model needs its own slug"
+    ) in str(info.value)
+
+
+def test_a_key_given_twice_in_one_entry_is_refused_with_its_line(tmp_path):
+    lines = DEFAULT_REGISTRY_PATH.read_text().splitlines(keepends=True)
+    first = lines.index("    kind: instruct\n")
+    lines.insert(first + 1, "    kind: base\n")  # PyYAML alone would keep this one and drop the first silently
+    path = tmp_path / "models.yaml"
+    path.write_text("".join(lines))
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    assert str(info.value) == (
+        f"{path}: invalid model registry:\n"
+        f"  line {first + 2}, field kind: given twice in one mapping (first on line {first + 1}); keep one of them"
+    )

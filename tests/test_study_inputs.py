@@ -118,10 +118,52 @@ BAD_INPUTS = [
         ["row 1", "'access'", "expected a whole number from 1 to 3; got 7"],
     ),
     (
+        "study 1 access against the speech",
+        STUDY1,
+        b'story_setup,priorQ,speech,speechQ,access\nsetup,prior?,"Jim says: ""I have looked at 2 of the 3.""",now?,3\n',
+        ["row 1", "'access'", "the speech says 2 but access is 3; expected the same number in both"],
+    ),
+    (
+        "study 1 more observed than looked at",
+        STUDY1,
+        b"story_setup,priorQ,speech,speechQ,access,observed\nsetup,prior?,speech,now?,1,2\n",
+        ["row 1", "'observed'", "2 observed of the 1 the speaker looked at (access); expected at most 1"],
+    ),
+    (
         "duplicate column name",
         STUDY1,
         b"story_setup,priorQ,speech,speech,speechQ\na,b,c,d,e\n",
         ["header", "'speech'", "appears twice"],
+    ),
+    (
+        "misspelt optional column",
+        STUDY1,
+        b"story_setup,priorQ,speech,speechQ,acess\nsetup,prior?,speech,now?,2\n",
+        ["header, column 'acess': not a column of this study; did you mean 'access'?"],
+    ),
+    (
+        "optional column in another case",
+        STUDY1,
+        b"story_setup,priorQ,speech,speechQ,Access\nsetup,prior?,speech,now?,2\n",
+        ["header, column 'Access': not a column of this study; did you mean 'access'?"],
+    ),
+    (
+        "misspelt knowledge question",
+        STUDY1,
+        b"story_setup,priorQ,speech,speechQ,knowledge_Q\nsetup,prior?,speech,now?,Does he know?\n",
+        ["header, column 'knowledge_Q': not a column of this study; did you mean 'knowledgeQ'?"],
+    ),
+    (
+        "misspelt speaker",
+        STUDY2,
+        (S2_HEADER.strip() + ",speeker\n" + S2_ROW.strip() + ",Ben\n").encode(),
+        ["header, column 'speeker': not a column of this study; did you mean 'speaker'?"],
+    ),
+    (
+        "misspelt id column",
+        STUDY2,
+        ("Trial_ID" + S2_HEADER.removeprefix("trial_id") + S2_ROW).encode(),
+        ["header, column 'Trial_ID': not a column of this study; did you mean 'trial_id'?"],
     ),
 ]
 
@@ -136,6 +178,39 @@ def test_bad_input_names_file_row_column_and_expectation(tmp_path, study, conten
     assert str(path) in message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_a_misspelt_required_column_is_named_once_and_other_columns_pass_through(tmp_path):
+    path = tmp_path / "study2.csv"
+    path.write_text('scenario,Goal,State,Date\n"Imagine that Ben baked bread.",social,1,2024-05-01\n')
+    with pytest.raises(InputError) as info:
+        STUDY2.load(path)
+    assert [str(p) for p in info.value.problems] == [
+        "header, column 'scenario': not a column of this study; did you mean 'Scenario'?"
+    ], "one problem, the misspelling, not also 'required column is missing'"
+    path.write_text('Scenario,Goal,State,Date\n"Imagine that Ben baked bread.",social,1,2024-05-01\n')
+    assert STUDY2.load(path)["Date"].tolist() == ["2024-05-01"], "a column unlike any of the study's passes through"
+
+
+@pytest.mark.parametrize(
+    "header,row,shown",
+    [
+        ("Scenario;Goal;State", "A scenario.;social;1", "';'"),
+        ("Scenario\tGoal\tState", "A scenario.\tsocial\t1", "tabs"),
+        ("trial_id;Scenario;Goal;State,notes", "a;A scenario.;social;1,x", "';'"),
+    ],
+    ids=["semicolons", "tabs", "semicolons with a stray comma"],
+)
+def test_another_delimiter_is_named_instead_of_every_column_missing(tmp_path, header, row, shown):
+    path = tmp_path / "study2.csv"
+    path.write_text(f"{header}\n{row}\n")
+    with pytest.raises(InputError) as info:
+        STUDY2.load(path)
+    assert str(path) in str(info.value)
+    assert [str(p) for p in info.value.problems] == [
+        f"header: the file appears to use {shown} as the delimiter; expected a comma-separated file "
+        "(save or export it as CSV with commas)"
+    ]
 
 
 def test_every_problem_is_listed_not_only_the_first(tmp_path):

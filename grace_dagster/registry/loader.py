@@ -11,7 +11,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,6 +93,16 @@ class ExternalServing(_Strict):
 
 
 Serving = Annotated[EmbeddedServing | VllmServing | ExternalServing, Field(discriminator="backend")]
+
+
+def _tags(union: Any) -> tuple[str, tuple[str, ...]]:
+    members, info = get_args(union)
+    tag = info.discriminator
+    return tag, tuple(value for member in get_args(members) for value in get_args(member.model_fields[tag].annotation))
+
+
+# Each discriminator's allowed values, read from the models: what to ask for when the discriminator is missing.
+DISCRIMINATOR_TAGS = dict(_tags(union) for union in (Weights, Serving))
 
 
 ResourceField = Literal["gpus", "cpu", "memory_gib", "storage_gib"]
@@ -210,14 +220,17 @@ class Registry(_Strict):
     models: list[Model] = Field(min_length=1)
     source: Path | None = None
 
-    @model_validator(mode="after")
-    def _slugs_unique(self) -> Registry:
-        seen: set[str] = set()
-        for m in self.models:
-            if m.slug in seen:
-                raise ValueError(f"duplicate slug {m.slug!r}: each model needs its own slug")
-            seen.add(m.slug)
-        return self
+    @field_validator("models")
+    @classmethod
+    def _slugs_unique(cls, models: list[Model]) -> list[Model]:
+        first: dict[str, int] = {}
+        for number, m in enumerate(models, start=1):
+            if m.slug in first:
+                raise ValueError(
+                    f"duplicate slug {m.slug!r} in entries {first[m.slug]} and {number}: each model needs its own slug"
+                )
+            first[m.slug] = number
+        return models
 
     @cached_property
     def by_slug(self) -> dict[str, Model]:
@@ -240,6 +253,7 @@ class Registry(_Strict):
 
 
 def _describe(error: ValidationError, raw: dict) -> str:
+    tags = {value for values in DISCRIMINATOR_TAGS.values() for value in values}
     lines = []
     for e in error.errors():
         loc = list(e["loc"])
@@ -251,19 +265,53 @@ def _describe(error: ValidationError, raw: dict) -> str:
             where = f"entry {loc[1] + 1} (slug {slug!r})"
             loc = loc[2:]
         # Drop the discriminator tags pydantic adds to the location of union members.
-        field = ".".join(str(p) for p in loc if p not in ("pypi", "huggingface", "api", "embedded", "vllm", "external"))
+        loc = [p for p in loc if p not in tags]
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "union_tag_not_found":
+            discriminator = e["ctx"]["discriminator"].strip("'")
+            loc.append(discriminator)
+            msg = f"required, one of {', '.join(DISCRIMINATOR_TAGS[discriminator])}"
+        elif e["type"] == "string_type" and isinstance(e["input"], int | float):
+            # YAML reads an unquoted 1.0, 2024 or yes as a number or a boolean, never as the text it was.
+            kind = "boolean" if isinstance(e["input"], bool) else "number"
+            msg = f'expected text, but YAML read the {kind} {e["input"]!r}: quote the value, e.g. "{e["input"]}"'
+        field = ".".join(str(p) for p in loc)
         lines.append(f"  {where}, field {field or '(entry)'}: {msg}")
     return "\n".join(lines)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first_line: int):
+        super().__init__(f"key {key!r} on line {line} was given on line {first_line} already")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Refuses a key given twice in one mapping: PyYAML would keep the last one and silently drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                if key_node.value in lines:
+                    raise _DuplicateKey(key_node.value, line, lines[key_node.value])
+                lines[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_registry(path: str | os.PathLike | None = None) -> Registry:
     """Load the registry at `path` (default: $GRACE_REGISTRY or the packaged models.yaml)."""
     path = Path(path or os.environ.get("GRACE_REGISTRY") or DEFAULT_REGISTRY_PATH)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise RegistryError(f"{path}: registry file not found") from None
+    except _DuplicateKey as e:
+        raise RegistryError(
+            f"{path}: invalid model registry:\n  line {e.line}, field {e.key}: given twice in one mapping (first on "
+            f"line {e.first_line}); keep one of them"
+        ) from None
     except yaml.YAMLError as e:
         raise RegistryError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict) or "models" not in raw:

@@ -128,6 +128,29 @@ def decode_csv(path: Path, raw: bytes) -> str:
         raise InputError(path, [problem]) from None
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, or swap two neighbouring characters) that turn `a` into `b`."""
+    d = [[i + j if i == 0 or j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def closest_name(name: str, candidates: list[str]) -> str | None:
+    """The candidate that `name` most likely misspells (equal ignoring case, or a few edits from it), or None."""
+    # Up to 2 edits, but a short name is that close to unrelated words ('Date' to 'State'), so it gets a third of
+    # its length: a column the research group named differently still passes through.
+    near = [
+        (distance, candidate)
+        for candidate in candidates
+        if (distance := edit_distance(name.casefold(), candidate.casefold())) <= min(2, len(candidate) // 3)
+    ]
+    return min(near, key=lambda found: found[0])[1] if near else None
+
+
 def read_study_csv(
     path: Path, columns: tuple[Column, ...], id_column: str, id_prefix: str, row_checks: tuple[RowCheck, ...] = ()
 ) -> pd.DataFrame:
@@ -143,21 +166,50 @@ def read_study_csv(
         raise InputError(
             path, [Problem(None, None, "the file does not exist; put the study CSV there or set GRACE_INPUT_DIR")]
         ) from None
+    required = [c.name for c in columns if c.required]
     if not raw.strip():
-        expected = ", ".join(c.name for c in columns if c.required)
-        raise InputError(path, [Problem(None, None, f"the file is empty; expected a header row with {expected}")])
+        raise InputError(
+            path, [Problem(None, None, f"the file is empty; expected a header row with {', '.join(required)}")]
+        )
 
     reader = csv.reader(io.StringIO(decode_csv(path, raw), newline=""))
     header = [name.strip() for name in next(reader)]
     problems: list[Problem] = []
+
+    # A spreadsheet saved with another delimiter reads as one column; naming each missing column would mislead.
+    delimiter = max((";", "\t"), key=lambda d: sum(name.count(d) for name in header))
+    if any(delimiter in name for name in header) and (len(header) == 1 or all(name not in header for name in required)):
+        shown = "';'" if delimiter == ";" else "tabs"
+        raise InputError(
+            path,
+            [
+                Problem(
+                    0,
+                    None,
+                    f"the file appears to use {shown} as the delimiter; expected a comma-separated file "
+                    "(save or export it as CSV with commas)",
+                )
+            ],
+        )
 
     seen_names: set[str] = set()
     for name in header:
         if name in seen_names:
             problems.append(Problem(0, name, "the column name appears twice in the header"))
         seen_names.add(name)
+    # Other columns are the research group's and pass through, but one that looks like a column the file lacks is
+    # a misspelling: passed through, it would leave that column derived from the text or reported as missing.
+    known = [id_column, *(c.name for c in columns)]
+    absent = [name for name in known if name not in header]
+    misspelt: set[str] = set()
+    for name in header:
+        if name not in known:
+            meant = closest_name(name, absent)
+            if meant is not None:
+                problems.append(Problem(0, name, f"not a column of this study; did you mean {meant!r}?"))
+                misspelt.add(meant)
     for col in columns:
-        if col.required and col.name not in header:
+        if col.required and col.name not in header and col.name not in misspelt:
             problems.append(
                 Problem(0, col.name, f"required column is missing; the header has {', '.join(header) or 'nothing'}")
             )
@@ -187,7 +239,6 @@ def read_study_csv(
     if not records:
         raise InputError(path, [Problem(None, None, "the file has a header but no rows; expected one row per trial")])
 
-    known = {c.name for c in columns} | {id_column}
     extra_columns = [name for name in header if name not in known]
     out: dict[str, list[Any]] = {id_column: []}
     out.update({c.name: [] for c in columns})

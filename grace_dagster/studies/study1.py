@@ -72,6 +72,23 @@ def quantifier_from_speech(row: dict[str, str]) -> str | None:
     return QUANTIFIERS.get(_reported(row.get("speech", "")) or "")
 
 
+def counts_agree_with_speech(row: dict) -> tuple[str, str] | None:
+    """A file's `access` and `observed` must agree with what the speech says and with each other: a trial whose
+    numbers contradict its text would be analysed in another condition than the one its prompt shows."""
+    speech = {"speech": row["speech"]}
+    for column, stated in (("access", access_from_speech(speech)), ("observed", observed_from_speech(speech))):
+        given = row.get(column)
+        if given is not None and stated is not None and given != stated:
+            return column, f"the speech says {stated} but {column} is {given}; expected the same number in both"
+    access, observed = row.get("access"), row.get("observed")
+    if access is not None and observed is not None and observed > access:
+        return (
+            "observed",
+            f"{observed} observed of the {access} the speaker looked at (access); expected at most {access}",
+        )
+    return None
+
+
 def speaker_name(row: dict[str, str]) -> str | None:
     """The speaker's name as the narration gives it ("Jim tell's you on the phone: ..."); None when it gives none."""
     found = first_name_match(_SPEAKER, _lead_in(row.get("speech", "")), "name")
@@ -799,5 +816,6 @@ STUDY = Study(
     },
     exp2_questions=exp2_questions,
     analyze=analyze,
+    row_checks=(counts_agree_with_speech,),
     item_column="story",
 )
