@@ -375,3 +375,35 @@ def test_the_analysis_table_repeats_a_trials_experiment2_values_on_each_of_its_s
     other = table[table.model == "other"]
     assert len(other) == 2 and other["sample"].isna().all() and other["exp1_utterance"].isna().all()
     assert str(table["sample"].dtype) == "Int64"
+
+
+def test_study2_reports_answers_by_the_order_the_options_were_listed_in():
+    """Item A asked with the options in order 1 ("It was terrible" first, "It wasn't amazing" last), item B in order
+    3 ("It wasn't terrible" first, "It was amazing" last). Experiment 1: A chose the first option once of two, B never;
+    Experiment 2: A put 0.5 on its first option, B 0.5 on its own first one."""
+    inp = _study2_input()
+    orders = {"t-a": 1, "t-b": 3}
+    for tables in (inp.exp1, inp.exp2):
+        tables["m"]["option_order"] = tables["m"]["trial_id"].map(orders).astype("Int64")
+    table = STUDIES["study2"].analyze(inp).comparisons["by_option_order"]
+    rows = table.set_index(["source", "option_order"])
+    assert list(rows.index) == [("exp1", 1), ("exp1", 3), ("exp2", 1), ("exp2", 3)]
+    assert rows["p_first_listed"].tolist() == [0.5, 0.0, 0.5, 0.5]
+    assert rows["p_last_listed"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert rows["p_negation"].tolist() == [0.5, 1.0, 0.5, 1.0]
+    assert rows["n_answers"].tolist() == [2, 2, 1, 1] and (rows["n_items"] == 1).all()
+
+
+def test_study2_options_are_listed_in_the_originals_four_orders_balanced_over_participants():
+    study = STUDIES["study2"]
+    trials = study.load(study.sample_path)
+    counts = trials["option_order"].value_counts()
+    assert set(counts.index) == {1, 2, 3, 4} and counts.max() - counts.min() <= 12  # whole participants of 12 trials
+    assert (trials.groupby("participant")["option_order"].nunique() == 1).all(), "one order per participant"
+    listed = {}
+    for trial in trials.drop_duplicates("option_order").itertuples(index=False):
+        (prompt,) = study.exp1_prompts(trial)
+        listed[trial.option_order] = prompt.rsplit("Reply with exactly one of: ", 1)[1].rstrip(".").split(", ")
+    assert listed[1][0] == "It was terrible" and listed[2][0] == "It was amazing"
+    assert listed[3][0] == "It wasn't terrible" and listed[4][-1] == "It was terrible"
+    assert all(sorted(options) == sorted(study2.UTTERANCES) for options in listed.values())

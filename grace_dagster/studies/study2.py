@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import textwrap
 import warnings
+import zlib
 from typing import Literal
 
 import matplotlib.pyplot as plt
@@ -47,6 +48,27 @@ def hearts(value: str) -> int:
 POLARITIES = ("was", "wasn't")
 ASSESSMENTS = ("terrible", "bad", "good", "amazing")
 UTTERANCES = tuple(f"It {neg} {word}" for neg in POLARITIES for word in ASSESSMENTS)
+# The original experiment showed the answer options in one of four orders, drawn per participant: "was" or "wasn't"
+# first, and the words from terrible to amazing or from amazing to terrible (its script's conditions 1-4, in this
+# order). A model's preference for the first or last option would otherwise be read as a preference for an utterance.
+OPTION_ORDERS = {
+    order: tuple(f"It {neg} {word}" for neg in polarities for word in words)
+    for order, (polarities, words) in enumerate(
+        [(p, w) for p in (POLARITIES, POLARITIES[::-1]) for w in (ASSESSMENTS, ASSESSMENTS[::-1])], start=1
+    )
+}
+
+
+def option_order(row: dict[str, str]) -> int:
+    """The trial's order of the answer options (1-4): by participant, as in the original (cycling through the four,
+    so they are balanced), or by a hash of the trial id (of the scenario, in a file without ids) when the file has no
+    participants."""
+    participant = row.get("participant", "").strip()
+    identity = (row.get(ID_COLUMN) or row["Scenario"]).strip()
+    key = int(participant) - 1 if participant.isdigit() else zlib.crc32(identity.encode())
+    return key % len(OPTION_ORDERS) + 1
+
+
 NEGATED = tuple(i for i, u in enumerate(UTTERANCES) if u.startswith("It wasn't"))
 # The goal wordings of the original experiment, with the speaker (SP) and listener (LS) named.
 GOAL_WORDING = {
@@ -124,7 +146,9 @@ def _question(trial: Trial) -> str:
     lines = _situation(trial)
     goal = GOAL_WORDING[trial.Goal].format(SP=speaker, LS=listener)
     lines.append(f"{goal} what would {speaker} be most likely to say?")
-    lines.append(f"Reply with exactly one of: {', '.join(UTTERANCES)}.")
+    # A trials table written before the orders were kept has none: its prompts were in order 1.
+    options = OPTION_ORDERS[int(value(trial, "option_order", "1"))]
+    lines.append(f"Reply with exactly one of: {', '.join(options)}.")
     return "\n".join(lines)
 
 
@@ -280,11 +304,47 @@ def _answers(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     exp2_p = exp2[[f"exp2_{c}" for c in UTTERANCE_COLUMNS.values()]].set_axis(UTTERANCES, axis=1)
     frames = {}
     for source, rows, p in (("exp1", exp1, chosen), ("exp2", exp2, exp2_p)):
-        frame = rows[["model", ID_COLUMN, analysis.ITEM]].assign(goal=rows["Goal"], state_hearts=rows["State"])
+        frame = rows[["model", ID_COLUMN, analysis.ITEM]].assign(
+            goal=rows["Goal"],
+            state_hearts=rows["State"],
+            # Trials stored before the orders were kept were all asked in order 1.
+            option_order=rows["option_order"].fillna(1) if "option_order" in rows else 1,
+        )
         frame = frame.join(p.astype("float64"))
         frame["p_negation"] = frame[NEGATED_UTTERANCES].sum(axis=1)
-        frames[source] = frame.astype({"state_hearts": "int64"})
+        frames[source] = frame.astype({"state_hearts": "int64", "option_order": "int64"})
     return frames
+
+
+def _by_option_order(boot: analysis.Bootstrap, answers: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per model × source × order of the answer options: the share of answers on the option listed first and on the
+    one listed last, and the share of negations, with intervals over items. The original pooled its four orders; a
+    model whose answers move with the order is choosing by position as well as by meaning."""
+    frames = []
+    for source, frame in answers.items():
+        if not len(frame):
+            continue
+        p = frame[list(UTTERANCES)].to_numpy()
+        rows = np.arange(len(frame))
+        shares = {
+            f"p_{name}_listed": p[
+                rows, frame["option_order"].map(lambda o, at=at: UTTERANCES.index(OPTION_ORDERS[o][at]))
+            ]
+            for name, at in (("first", 0), ("last", -1))
+        }
+        frame = frame.assign(**shares)
+        means = boot.means(frame, ["model", "option_order"], ["p_first_listed", "p_last_listed", "p_negation"])
+        table = means.frame()
+        table.insert(0, "n_items", means.n_items)
+        table.insert(0, "n_answers", means.n_rows.astype(int))
+        table.insert(0, "source", source)
+        frames.append(table.reset_index())
+    columns = ["model", "source", "option_order", "n_answers", "n_items"]
+    return (
+        pd.concat(frames, ignore_index=True).sort_values(columns[:3], ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=columns)
+    )
 
 
 def _human() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -677,6 +737,7 @@ def analyze(inp: AnalysisInput) -> Analysis:
             "fit_by_model": fits,
             "exp1_vs_exp2": comparison,
             "exp1_vs_exp2_by_model": comparison_summary,
+            "by_option_order": _by_option_order(boot, answers),
             "literal_meaning": literal,
             "literal_fit_by_model": literal_fits,
             "captured_mass": analysis.captured_mass_summary(masses),
@@ -701,6 +762,7 @@ STUDY = Study(
         Column("item", text, "string"),
         Column("speaker", text, "string", derive=speaker_from_scenario),
         Column("listener", text, "string", derive=listener_from_scenario),
+        Column("option_order", int_in_range(1, len(OPTION_ORDERS)), "Int64", derive=option_order),
     ),
     full_size=2424,
     exp1_turns=TURNS,
