@@ -39,6 +39,10 @@ def read(turn_key, text, finish_reason="stop"):
         ("knowledge", "No.", {"Knowledge_A": "no"}),
         ("knowledge", "Yes, he looked at all of them.", {"Knowledge_A": "yes"}),
         ("knowledge", "No, he doesn't know exactly.", {"Knowledge_A": "no"}),
+        # Real replies of the local models.
+        ("knowledge", "No, Omar doesn't actually know how many of the 3 bulbs have bloomed.", {"Knowledge_A": "no"}),
+        ("knowledge", "No, I don't think Priya does.", {"Knowledge_A": "no"}),
+        ("knowledge", "No, I don't think so.", {"Knowledge_A": "no"}),
         ("prior", "Two. Seeds usually sprout when they are watered.", {"Prior_A": 2}),
         (
             "bets",
@@ -77,6 +81,8 @@ def test_study1_turn_parsers_read_the_requested_formats(turn, text, expected):
         ("bets", "I can't bet. An example of the format would be 0: 25, 1: 25, 2: 25, 3: 25."),
         ("bets", "0: 10, 1: 20, 2: 50, 3: 20 - wait, that's wrong, let me redo it."),
         ("bets", "0: 10%, 1: 20%, 2: 50%, 3: 20%"),
+        ("knowledge", "No, I cannot provide a number directly. You can ask for help."),  # a local model's refusal
+        ("knowledge", "No, I don't think I know."),
         ("knowledge", "No idea."),
         ("knowledge", "No doubt he knows."),
         ("knowledge", "No, he knows exactly."),

@@ -211,10 +211,13 @@ def parse_bets(text: str) -> dict | None:
     return {f"Bet_{k}": number_value(bets[str(k)]) for k in STATES}
 
 
-# "No, he doesn't know exactly": the speaker's not knowing, which agrees with a "no" (the speaker is he, she, they or a
-# name; "No, I can't tell" is the participant's own doubt).
+# "No, he doesn't (really) know exactly", "No, I don't think Priya does", "No, I don't think so": the speaker's not
+# knowing, which agrees with a "no" (the speaker is he, she, they or a name; "No, I can't tell" is the participant's
+# own doubt and goes to the judge).
 _NOT_KNOWING = re.compile(
-    rf"\b(?P<who>{NAME})\s+(?:doesn't|does\s+not|didn't|did\s+not|can't|cannot|couldn't|could\s+not)(?:\s+know)?\b",
+    rf"\b(?P<who>{NAME})\s+(?:doesn't|does\s+not|didn't|did\s+not|can't|cannot|couldn't|could\s+not)"
+    r"(?:\s+(?:really|actually|truly))?(?:\s+know)?\b"
+    rf"|\bI\s+(?:don't|do\s+not)\s+think\s+(?:so\b|(?P<thought_of>{NAME})\s+(?:does|knows|did|knew)\b)",
     re.IGNORECASE,
 )
 _YES_NO = re.compile(r"\b(?:yes|no)\b", re.IGNORECASE)
@@ -223,7 +226,11 @@ _KNOWING = re.compile(r"\b(?:yes|no|knows?|knew|does|did|do|can|could)\b", re.IG
 
 
 def _without_not_knowing(rest: str) -> str:
-    return _NOT_KNOWING.sub(lambda m: " " if is_person(m.group("who")) else m.group(0), rest)
+    def agrees(match: re.Match[str]) -> str:
+        who = match.group("who") or match.group("thought_of")
+        return " " if who is None or is_person(who) else match.group(0)  # None: "I don't think so"
+
+    return _NOT_KNOWING.sub(agrees, rest)
 
 
 def parse_knowledge(text: str) -> dict | None:
