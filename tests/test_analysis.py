@@ -379,8 +379,9 @@ def test_the_analysis_table_repeats_a_trials_experiment2_values_on_each_of_its_s
 
 def test_study2_reports_answers_by_the_order_the_options_were_listed_in():
     """Item A asked with the options in order 1 ("It was terrible" first, "It wasn't amazing" last), item B in order
-    3 ("It wasn't terrible" first, "It was amazing" last). Experiment 1: A chose the first option once of two, B never;
-    Experiment 2: A put 0.5 on its first option, B 0.5 on its own first one."""
+    3 ("It wasn't terrible" first, "It was amazing" last). Experiment 1: A chose "It was terrible" once of two, B
+    never; Experiment 2: A put 0.5 on "It was terrible", B 0.5 on "It wasn't terrible" and none on "It was
+    terrible". The lift is an option's share when listed first against its share where it was not."""
     inp = _study2_input()
     orders = {"t-a": 1, "t-b": 3}
     for tables in (inp.exp1, inp.exp2):
@@ -388,10 +389,26 @@ def test_study2_reports_answers_by_the_order_the_options_were_listed_in():
     table = STUDIES["study2"].analyze(inp).comparisons["by_option_order"]
     rows = table.set_index(["source", "option_order"])
     assert list(rows.index) == [("exp1", 1), ("exp1", 3), ("exp2", 1), ("exp2", 3)]
+    assert rows["first_listed"].tolist() == ["It was terrible", "It wasn't terrible"] * 2
     assert rows["p_first_listed"].tolist() == [0.5, 0.0, 0.5, 0.5]
-    assert rows["p_last_listed"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert rows["p_first_listed_elsewhere"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert rows["first_listed_lift"].tolist() == [0.5, 0.0, 0.5, 0.5]
+    assert rows["last_listed"].tolist() == ["It wasn't amazing", "It was amazing"] * 2
+    assert rows["last_listed_lift"].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert rows["p_negation"].tolist() == [0.5, 1.0, 0.5, 1.0]
     assert rows["n_answers"].tolist() == [2, 2, 1, 1] and (rows["n_items"] == 1).all()
+    assert rows["first_listed_lift_ci_low"].isna().all(), "one item per order: no interval"
+
+
+def test_study2_option_order_lift_is_zero_for_a_model_that_ignores_the_order():
+    """Both items answered "It was terrible" in Experiment 1 whatever the order: listed first in order 1, it gets the
+    same share as in order 3, so no lift."""
+    inp = _study2_input()
+    inp.exp1["m"] = inp.exp1["m"].assign(polarity="was", assessment="terrible", utterance="It was terrible")
+    for tables in (inp.exp1, inp.exp2):
+        tables["m"]["option_order"] = tables["m"]["trial_id"].map({"t-a": 1, "t-b": 3}).astype("Int64")
+    rows = STUDIES["study2"].analyze(inp).comparisons["by_option_order"].set_index(["source", "option_order"])
+    assert rows.loc[("exp1", 1), "p_first_listed"] == 1.0 and rows.loc[("exp1", 1), "first_listed_lift"] == 0.0
 
 
 def test_study2_options_are_listed_in_the_originals_four_orders_balanced_over_participants():

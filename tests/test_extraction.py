@@ -35,15 +35,14 @@ def read(turn_key, text, finish_reason="stop"):
         ("prior", "None of them.", {"Prior_A": 0}),
         ("bets", "0: 10, 1: 20, 2: 50, 3: 20", {"Bet_0": 10, "Bet_1": 20, "Bet_2": 50, "Bet_3": 20}),
         ("bets", "**Bets:** 0: $10, 1: $20, 2: $50, 3: $20", {"Bet_0": 10, "Bet_1": 20, "Bet_2": 50, "Bet_3": 20}),
-        ("bets", "0:0, 1:0, 2:100, 3:0 - he said two.", {"Bet_0": 0, "Bet_1": 0, "Bet_2": 100, "Bet_3": 0}),
         ("knowledge", "No.", {"Knowledge_A": "no"}),
-        ("knowledge", "Yes, he looked at all of them.", {"Knowledge_A": "yes"}),
         ("knowledge", "No, he doesn't know exactly.", {"Knowledge_A": "no"}),
+        ("knowledge", "Yes, he knows exactly how many.", {"Knowledge_A": "yes"}),
+        ("knowledge", "No, the speaker doesn't know exactly.", {"Knowledge_A": "no"}),
         # Real replies of the local models.
         ("knowledge", "No, Omar doesn't actually know how many of the 3 bulbs have bloomed.", {"Knowledge_A": "no"}),
         ("knowledge", "No, I don't think Priya does.", {"Knowledge_A": "no"}),
         ("knowledge", "No, I don't think so.", {"Knowledge_A": "no"}),
-        ("prior", "Two. Seeds usually sprout when they are watered.", {"Prior_A": 2}),
         (
             "bets",
             "Here are my bets:\n0: $5\n1: $10\n2: $60\n3: $25\nTotal: $100",
@@ -66,6 +65,15 @@ def test_study1_turn_parsers_read_the_requested_formats(turn, text, expected):
         ("bets", "0: <dollars>, 1: <dollars>, 2: <dollars>, 3: <dollars>"),  # the template echoed
         ("knowledge", "Yes and no."),
         ("knowledge", "I can't tell."),
+        # A reason after the answer: it rarely changes the answer, but the parser cannot tell when it does.
+        ("prior", "Two. Seeds usually sprout when they are watered."),
+        ("prior", "3\n\nScratch that."),
+        ("bets", "0:0, 1:0, 2:100, 3:0 - he said two."),
+        ("bets", "0: 10, 1: 20, 2: 50, 3: 20 (in hundreds)"),
+        ("knowledge", "Yes, he looked at all of them."),
+        ("knowledge", "Yes, he lacks information."),
+        ("knowledge", "No, he's fully informed."),
+        ("knowledge", "No, he doesn't know how many but he knows it's two"),
         # An answer's word that does not give the answer, or an answer the rest of the reply qualifies or takes back.
         ("prior", "One can't know."),
         ("prior", "None of us can know."),
@@ -149,6 +157,10 @@ POLARITY_TABLE = [
     ('Nobody would say "It was terrible."', JUDGE),
     ('Ann would say "It was good" if she wanted to be nice, but she would not.', JUDGE),
     ('Ann would reply "It was good", or maybe amazing.', JUDGE),
+    ("It was good. Nah.", JUDGE),
+    ("It was good. I take it back.", JUDGE),
+    ('Don\'t say "It was terrible." That would hurt Ann.', JUDGE),
+    ('Never say "It was good."', JUDGE),
     ('I\'d say "It was good."', "It was good"),
 ]
 

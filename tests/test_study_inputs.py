@@ -192,6 +192,31 @@ def test_a_misspelt_required_column_is_named_once_and_other_columns_pass_through
     assert STUDY2.load(path)["Date"].tolist() == ["2024-05-01"], "a column unlike any of the study's passes through"
 
 
+def test_columns_that_extend_or_cut_a_study_column_are_the_groups_own_and_pass_through(tmp_path):
+    """Answer-schema names, plurals and numbered copies are not typos of a study column."""
+    path = tmp_path / "study1.csv"
+    path.write_text(
+        "story_setup,priorQ,speech,speechQ,Knowledge_A,Knowledge,participants,access2\n"
+        '"setup","How many?","Jim says: ""I have looked at 2 of the 3.""","Now how many?",yes,high,4,x\n'
+    )
+    table = STUDY1.load(path)
+    assert table.loc[0, "Knowledge_A"] == "yes" and table.loc[0, "participants"] == "4" and table.loc[0, "access"] == 2
+
+
+def test_study2_option_order_comes_from_the_trial_id_without_participants_and_short_rows_are_reported(tmp_path):
+    path = tmp_path / "study2.csv"
+    path.write_text("Goal,State,Scenario,participant\nsocial,2,A scenario.,\u00b2\nboth,1,Another.,\n")
+    with pytest.raises(InputError) as info:
+        STUDY2.load(path)
+    assert "column 'participant'" in str(info.value)  # '²' is no participant number, and nothing crashes
+    path.write_text("Goal,State,Scenario\nsocial,2,A scenario.\nboth,1\n")
+    with pytest.raises(InputError, match="row 2, line 3: expected 3 fields as in the header; found 2"):
+        STUDY2.load(path)
+    path.write_text("Goal,State,Scenario\n" + "social,2,A scenario.\n" * 400)
+    counts = STUDY2.load(path)["option_order"].value_counts()
+    assert set(counts.index) == {1, 2, 3, 4} and counts.min() > 70, "generated ids spread the four orders"
+
+
 @pytest.mark.parametrize(
     "header,row,shown",
     [

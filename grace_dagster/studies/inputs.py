@@ -57,7 +57,8 @@ class Column:
     """One column a study knows about.
 
     `parse` turns the cell text into a value or raises ValueError whose text says what was expected.
-    A `required` column must be in the file; an optional one is `derive`d from the row's other cells when absent
+    A `required` column must be in the file; an optional one is `derive`d from the row's other cells (and its trial
+    id, given or made from the row's position) when absent
     (returning None when the row does not say), so the research group's files with only the Grace columns load.
     """
 
@@ -140,15 +141,18 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def closest_name(name: str, candidates: list[str]) -> str | None:
-    """The candidate that `name` most likely misspells (equal ignoring case, or a few edits from it), or None."""
-    # Up to 2 edits, but a short name is that close to unrelated words ('Date' to 'State'), so it gets a third of
-    # its length: a column the research group named differently still passes through.
-    near = [
-        (distance, candidate)
-        for candidate in candidates
-        if (distance := edit_distance(name.casefold(), candidate.casefold())) <= min(2, len(candidate) // 3)
-    ]
-    return min(near, key=lambda found: found[0])[1] if near else None
+    """The candidate that `name` most likely misspells: equal ignoring case, or one letter off (a typo or two letters
+    swapped) from a name of 5 letters or more. A name that only adds to or cuts a column's name at its end ('items',
+    'access2', 'Knowledge') is taken for the group's own column and passes through."""
+    folded = name.casefold()
+    for candidate in candidates:
+        other = candidate.casefold()
+        if folded == other:
+            return candidate
+        if len(other) >= 5 and not (folded.startswith(other) or other.startswith(folded)):
+            if edit_distance(folded, other) == 1:
+                return candidate
+    return None
 
 
 def read_study_csv(
@@ -277,7 +281,7 @@ def read_study_csv(
                     problems.append(Problem(row_number, col.name, str(e), line_number))
                     value = None
             else:
-                value = col.derive(record) if col.derive else None
+                value = col.derive({**record, id_column: trial_id}) if col.derive else None
             values[col.name] = value
             out[col.name].append(value)
         if len(problems) == cell_problems:  # a row whose cells are wrong is reported by its cells alone

@@ -165,86 +165,85 @@ def _leading_answer(text: str, label: str, answer: str) -> tuple[re.Match[str], 
     return (match, reply[match.end() :]) if match else None
 
 
-# A reply's own number, and what names a number or an amount of the objects after it (a second answer, or a range).
+# Study 1's answers are short formats, and each parser reads a reply only when it is the answer and nothing else
+# (or, for the knowledge question, the answer and a clause that says the same). A reason after the answer goes to
+# the judge: it rarely changes the answer, but no pattern can tell when it does ("2. Actually, fewer", "No, he's
+# fully informed", "0: 10, ... (in hundreds)").
+_END = re.compile(r"[\s.!]*")
 _NUMBER = r"\d+(?:\.\d+)?|zero|none|one|two|three"
-_AMOUNT = re.compile(
-    rf"\d|\b(?:{_NUMBER}|all|most|some|few|fewer|more|less|half|majority|any|every|each|both|several|many)\b",
+
+
+def parse_prior(text: str) -> dict | None:
+    """A reply that is the number: "2", "Two.", "Prior: 2 of the 3 seeds", "None of them"."""
+    found = _leading_answer(
+        text, "prior", rf"(?P<value>{_NUMBER})(?:\s+(?:out\s+)?of\s+(?:the\s+)?(?:3|three)(?:\s+[a-z]+)?|\s+of\s+them)?"
+    )
+    if not found or not _END.fullmatch(found[1]):
+        return None
+    return {"Prior_A": number_value(found[0].group("value"))}
+
+
+_BET = re.compile(r"(?<![\d.])(\d+)\s*[:=]\s*\$?\s*(\d+(?:\.\d+)?)")
+# What may stand around the four bets: a label ("Here are my bets:"), the total, the currency, separators.
+_BET_FRAME = re.compile(
+    r"\b(?:here\s+(?:are|is)\s+)?(?:my\s+)?(?:final\s+)?(?:bets?|answer)\b|\btotal(?:\s*[:=])?(?:\s*\$)?\s*100\b"
+    r"|\bdollars?\b|\band\b|[$\s,;.:=|*-]",
     re.IGNORECASE,
 )
 
 
-def parse_prior(text: str) -> dict | None:
-    """A reply that is the number ("2", "Two.", "Prior: 2 of the 3 seeds", "None of them"), or opens with it and goes
-    on only to give a reason that names no other amount and does not hedge ("2. Seeds usually sprout")."""
-    found = _leading_answer(
-        text, "prior", rf"(?P<value>{_NUMBER})(?:\s+(?:out\s+)?of\s+(?:the\s+)?(?:3|three)(?:\s+[a-z]+)?|\s+of\s+them)?"
-    )
-    if not found:
-        return None
-    match, rest = found
-    if match.group("value").isdigit() and re.match(r"[.)][ \t]*[^\s.]", rest):
-        return None  # "1. Seeds usually sprout...": the first item of a numbered list, not an answer
-    return {"Prior_A": number_value(match.group("value"))} if settled(rest, _AMOUNT) else None
-
-
-_BET = re.compile(r"(?<![\d.])(\d+)\s*[:=]\s*\$?\s*(\d+(?:\.\d+)?)")
-# What may stand around the four bets: labels, the total, the currency.
-_BET_FRAME = re.compile(r"\b(?:bets?|answer)\s*[:=-]|\btotal\s*[:=]?\s*\$?\s*100\b|\$|\bdollars?\b", re.IGNORECASE)
-# Units that would make the numbers something other than whole dollars out of 100.
-_BET_UNIT = re.compile(r"\d|[/%]|\b(?:cents?|percent|thousands?|millions?|points?|k)\b", re.IGNORECASE)
-
-
 def parse_bets(text: str) -> dict | None:
-    """Bets given as "0: 10, 1: 20, 2: 50, 3: 20" (with or without $), each state once, and nothing around them but
-    labels, the total and a reason that does not hedge ("0: 10-20", "0: 10 (maybe 15)" and "I can't bet; the format
-    would be 0: 25, ..." go to the judge). Values are returned as read, even out of range or not adding up to 100,
-    so the schema refuses them with the reason."""
+    """Bets given as "0: 10, 1: 20, 2: 50, 3: 20" (with or without $), each state once, and nothing else but a label
+    and the total ("Here are my bets:", "Total: $100"). Values are returned as read, even out of range or not adding
+    up to 100, so the schema refuses them with the reason."""
     reply = plain_reply(text)
     bets: dict[str, str] = {}
     for state, dollars in _BET.findall(reply):
         if bets.setdefault(state, dollars) != dollars:
             return None  # two different bets on one state
-    if set(bets) != {str(k) for k in STATES}:
-        return None
-    if not settled(_BET_FRAME.sub(" ", _BET.sub(" ", reply)), _BET_UNIT):
+    if set(bets) != {str(k) for k in STATES} or _BET_FRAME.sub("", _BET.sub("", reply)):
         return None
     return {f"Bet_{k}": number_value(bets[str(k)]) for k in STATES}
 
 
-# "No, he doesn't (really) know exactly", "No, I don't think Priya does", "No, I don't think so": the speaker's not
-# knowing, which agrees with a "no" (the speaker is he, she, they or a name; "No, I can't tell" is the participant's
-# own doubt and goes to the judge).
-_NOT_KNOWING = re.compile(
-    rf"\b(?P<who>{NAME})\s+(?:doesn't|does\s+not|didn't|did\s+not|can't|cannot|couldn't|could\s+not)"
-    r"(?:\s+(?:really|actually|truly))?(?:\s+know)?\b"
-    rf"|\bI\s+(?:don't|do\s+not)\s+think\s+(?:so\b|(?P<thought_of>{NAME})\s+(?:does|knows|did|knew)\b)",
-    re.IGNORECASE,
-)
-_YES_NO = re.compile(r"\b(?:yes|no)\b", re.IGNORECASE)
-# After a "no" and the speaker's not knowing taken out, any of these is a second answer ("No, he knows", "No, he does").
-_KNOWING = re.compile(r"\b(?:yes|no|knows?|knew|does|did|do|can|could)\b", re.IGNORECASE)
+# A clause after yes or no that says the same, about the speaker (he, she, they, a name or "the speaker"), optionally
+# with "exactly" and the question's "how many of the 3 ...": "Yes, he knows exactly", "No, Omar doesn't actually know
+# how many of the 3 bulbs have bloomed", "No, I don't think Priya does", "No, I don't think so".
+_PERSON = rf"(?:{NAME}|the\s+speaker)"
+_EXACTLY = r"(?:\s+(?:exactly|precisely))?(?:\s+how\s+many\b(?P<object>[^.!?\n,;]*))?[\s.!]*"
+_SAYS_SAME = {
+    "yes": re.compile(
+        rf"[\s,;:]*(?P<who>{_PERSON})\s+(?:does|knows|did|knew|can\s+know)(?:\s+know)?{_EXACTLY}", re.IGNORECASE
+    ),
+    "no": re.compile(
+        rf"[\s,;:]*(?:(?P<who>{_PERSON})\s+(?:doesn't|does\s+not|didn't|did\s+not|can't|cannot|couldn't|could\s+not)"
+        rf"(?:\s+(?:really|actually|truly))?(?:\s+know)?|I\s+(?:don't|do\s+not)\s+think\s+(?:so|(?P<thought_of>"
+        rf"{_PERSON})\s+(?:does|knows|did|knew)))\b{_EXACTLY}",
+        re.IGNORECASE,
+    ),
+}
+# What the question's object may not contain: "how many, but he knows it's two", "how many or not".
+_NOT_AN_OBJECT = re.compile(r"\b(?:yes|no|knows?|knew|does|did)\b", re.IGNORECASE)
 
 
-def _without_not_knowing(rest: str) -> str:
-    def agrees(match: re.Match[str]) -> str:
-        who = match.group("who") or match.group("thought_of")
-        return " " if who is None or is_person(who) else match.group(0)  # None: "I don't think so"
-
-    return _NOT_KNOWING.sub(agrees, rest)
+def _says_same(value: str, rest: str) -> bool:
+    match = _SAYS_SAME[value].fullmatch(rest)
+    if not match:
+        return False
+    who = match.group("who") or match.groupdict().get("thought_of")
+    person = who is None or " ".join(who.lower().split()) == "the speaker" or is_person(who)  # None: "I don't think so"
+    return person and settled(match.group("object") or "", _NOT_AN_OBJECT)
 
 
 def parse_knowledge(text: str) -> dict | None:
-    """A reply that is yes or no, or opens with it and goes on only to agree: after a yes, a reason without negation
-    or hedge ("Yes, he looked at all of them"); after a no, the speaker's not knowing ("No, she doesn't know
-    exactly"). "No idea", "No, he knows" and "Yes. Actually, he doesn't" go to the judge."""
+    """A reply that is yes or no, alone or with a clause that says the same about the speaker ("Yes, he knows
+    exactly", "No, she doesn't know how many of the 3 jars have grown mold", "No, I don't think so"). "No idea", "No,
+    he knows", "No, he's fully informed" and "Yes, he looked at all of them" go to the judge."""
     found = _leading_answer(text, "knowledge", "(?P<value>yes|no)")
     if not found:
         return None
-    match, rest = found
-    value = match.group("value").lower()
-    if value == "no":
-        return {"Knowledge_A": value} if settled(_without_not_knowing(rest), _KNOWING) else None
-    return {"Knowledge_A": value} if settled(rest, _YES_NO) else None
+    value, rest = found[0].group("value").lower(), found[1]
+    return {"Knowledge_A": value} if _END.fullmatch(rest) or _says_same(value, rest) else None
 
 
 TURNS = (

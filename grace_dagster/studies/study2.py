@@ -61,12 +61,11 @@ OPTION_ORDERS = {
 
 def option_order(row: dict[str, str]) -> int:
     """The trial's order of the answer options (1-4): by participant, as in the original (cycling through the four,
-    so they are balanced), or by a hash of the trial id (of the scenario, in a file without ids) when the file has no
-    participants."""
+    so they are balanced), or by a hash of the trial id when the file has no participant numbers."""
     participant = row.get("participant", "").strip()
-    identity = (row.get(ID_COLUMN) or row["Scenario"]).strip()
-    key = int(participant) - 1 if participant.isdigit() else zlib.crc32(identity.encode())
-    return key % len(OPTION_ORDERS) + 1
+    if participant.isascii() and participant.isdigit():
+        return (int(participant) - 1) % len(OPTION_ORDERS) + 1
+    return zlib.crc32(row[ID_COLUMN].encode()) % len(OPTION_ORDERS) + 1
 
 
 NEGATED = tuple(i for i, u in enumerate(UTTERANCES) if u.startswith("It wasn't"))
@@ -223,6 +222,7 @@ _SAYING = re.compile(
     r"(?:say|reply|answer|respond|tell\s+\w+)(?:\s+something\s+like)?\s*[:,]?\s*$",
     re.IGNORECASE,
 )
+_SAYING_ADVERBS = re.compile(r"\b(?:probably|most\s+likely|likely)\b", re.IGNORECASE)
 # Words that would make the text after an utterance a second answer ("it was" opens one, whatever its word) or a
 # comment on the answer's word.
 _ASSESSMENT = re.compile(r"\b(?:terrible|bad|good|amazing|it\s+was)\b", re.IGNORECASE)
@@ -245,8 +245,10 @@ def _leading_reading(reply: str) -> tuple[str, str] | None:
 
 
 def _sayer(before: str) -> bool:
+    """Whether the text before a quoted answer is someone saying it, with no word that denies it ("Don't say",
+    "Nobody would say"; the saying's own "probably" and "most likely" aside)."""
     match = _SAYING.match(before.strip())
-    if not match:
+    if not match or not settled(_SAYING_ADVERBS.sub(" ", before), _ASSESSMENT):
         return False
     who = (match.group("who") or "").removesuffix("'d")  # the name pattern takes in "She'd"
     return not who or who == "I" or is_person(who)
@@ -317,34 +319,53 @@ def _answers(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def _by_option_order(boot: analysis.Bootstrap, answers: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per model × source × order of the answer options: the share of answers on the option listed first and on the
-    one listed last, and the share of negations, with intervals over items. The original pooled its four orders; a
-    model whose answers move with the order is choosing by position as well as by meaning."""
-    frames = []
+    """Per model × source × order of the answer options: the option the prompt listed first (`first_listed`), its
+    share of the answers asked in this order and its mean share in the other orders, and the difference
+    (`first_listed_lift`, with its interval over items); the same for the option listed last; and the share of
+    negations. Goals and states are balanced over the orders, so a lift away from 0 is the model choosing by position
+    as well as by meaning (the original pooled its four orders)."""
+    rows = []
     for source, frame in answers.items():
         if not len(frame):
             continue
-        p = frame[list(UTTERANCES)].to_numpy()
-        rows = np.arange(len(frame))
-        shares = {
-            f"p_{name}_listed": p[
-                rows, frame["option_order"].map(lambda o, at=at: UTTERANCES.index(OPTION_ORDERS[o][at]))
-            ]
-            for name, at in (("first", 0), ("last", -1))
-        }
-        frame = frame.assign(**shares)
-        means = boot.means(frame, ["model", "option_order"], ["p_first_listed", "p_last_listed", "p_negation"])
-        table = means.frame()
-        table.insert(0, "n_items", means.n_items)
-        table.insert(0, "n_answers", means.n_rows.astype(int))
-        table.insert(0, "source", source)
-        frames.append(table.reset_index())
+        means = boot.means(frame, ["model", "option_order"], [*UTTERANCES, "p_negation"])
+        negation_low, negation_high = means.interval()
+        for cell, (model, order) in enumerate(means.index):
+            others = [i for i, (m, o) in enumerate(means.index) if m == model and o != order]
+            row = {
+                "model": model,
+                "source": source,
+                "option_order": order,
+                "n_answers": int(means.n_rows[cell]),
+                "n_items": int(means.n_items[cell]),
+            }
+            for name, at in (("first", 0), ("last", -1)):
+                utterance = OPTION_ORDERS[order][at]
+                j = UTTERANCES.index(utterance)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # no other order, or none in a resample
+                    elsewhere = np.nanmean(means.point[others, j]) if others else np.nan
+                    lift = means.replicates[:, cell, j] - (
+                        np.nanmean(means.replicates[:, others, j], axis=1) if others else np.nan
+                    )
+                low, high = analysis.percentile_interval(lift, means.n_items[cell])
+                row |= {
+                    f"{name}_listed": utterance,
+                    f"p_{name}_listed": means.point[cell, j],
+                    f"p_{name}_listed_elsewhere": elsewhere,
+                    f"{name}_listed_lift": means.point[cell, j] - elsewhere,
+                    f"{name}_listed_lift_ci_low": float(low),
+                    f"{name}_listed_lift_ci_high": float(high),
+                }
+            k = len(UTTERANCES)
+            row |= {
+                "p_negation": means.point[cell, k],
+                "p_negation_ci_low": negation_low[cell, k],
+                "p_negation_ci_high": negation_high[cell, k],
+            }
+            rows.append(row)
     columns = ["model", "source", "option_order", "n_answers", "n_items"]
-    return (
-        pd.concat(frames, ignore_index=True).sort_values(columns[:3], ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=columns)
-    )
+    return pd.DataFrame(rows, columns=None if rows else columns)
 
 
 def _human() -> tuple[pd.DataFrame, pd.DataFrame]:

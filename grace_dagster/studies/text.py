@@ -62,14 +62,15 @@ def plain_reply(text: str) -> str:
 
 
 # What turns the text after a reply's answer into something other than a reason for it: a question, a negation, a
-# hedge, a correction, an alternative or a condition ("2, but I'm not sure", "It was good. Or rather, bad.", "Yes,
-# unless he lied"). Deliberately broad: a reason that uses one of these words goes to the judge, which costs a
-# request; a hedge read as a settled answer would be a wrong number in the data.
+# hedge, a correction or retraction, an alternative, a condition, or irony ("2, but I'm not sure", "It was good. Or
+# rather, bad.", "It was good. Nah.", "Yes, unless he lied"). Deliberately broad: a reason that uses one of these
+# words goes to the judge, which costs a request; a hedge read as a settled answer would be a wrong number.
 _QUALIFIER = re.compile(
-    r"[?+%]|n't\b|\b(?:not|no|nor|never|none|or|but|however|though|although|yet|actually|maybe|perhaps|possibly|"
-    r"probably|likely|unlikely|might|may|could|guess|think|unsure|sure|certain|uncertain|wait|mean|rather|instead|"
-    r"kidding|joking|unless|if|except|otherwise|approximately|roughly|around|only|just|sarcastic\w*|honest\w*|"
-    r"depends|either|neither)\b",
+    r"[?+%]|n't\b|\b(?:not|no|nor|never|none|nobody|noone|no-one|cannot|hardly|rarely|or|but|however|though|"
+    r"although|yet|actually|maybe|perhaps|possibly|probably|likely|unlikely|might|may|could|guess|think|unsure|sure|"
+    r"certain|uncertain|wait|mean|rather|instead|kidding|joking|sike|psych|nah|nope|scratch|correct\w*|reconsider\w*|"
+    r"second\s+thoughts?|take\s+it\s+back|changed?\s+my\s+mind|avoid\w*|lie|lies|lied|lying|unless|if|except|"
+    r"otherwise|approximately|roughly|around|only|just|sarcas\w*|ironic\w*|honest\w*|depends|either|neither)\b",
     re.IGNORECASE,
 )
 
