@@ -210,7 +210,7 @@ def parse_bets(text: str) -> dict | None:
 # with "exactly" and the question's "how many of the 3 ...": "Yes, he knows exactly", "No, Omar doesn't actually know
 # how many of the 3 bulbs have bloomed", "No, I don't think Priya does", "No, I don't think so".
 _PERSON = rf"(?:{NAME}|the\s+speaker)"
-_EXACTLY = r"(?:\s+(?:exactly|precisely))?(?:\s+how\s+many\b(?P<object>[^.!?\n,;]*))?[\s.!]*"
+_EXACTLY = rf"(?:\s+(?:exactly|precisely))?(?:\s+how\s+many\b(?P<object>[^.!?\n,;]*))?{_END.pattern}"
 _SAYS_SAME = {
     "yes": re.compile(
         rf"[\s,;:]*(?P<who>{_PERSON})\s+(?:does|knows|did|knew|can\s+know)(?:\s+know)?{_EXACTLY}", re.IGNORECASE

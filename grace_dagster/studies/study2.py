@@ -59,6 +59,10 @@ OPTION_ORDERS = {
 }
 
 
+# The order of trials stored before the orders were kept: the one fixed order the prompts then listed.
+ORDER_BEFORE_ORDERS = 1
+
+
 def option_order(row: dict[str, str]) -> int:
     """The trial's order of the answer options (1-4): by participant, as in the original (cycling through the four,
     so they are balanced), or by a hash of the trial id when the file has no participant numbers."""
@@ -145,8 +149,7 @@ def _question(trial: Trial) -> str:
     lines = _situation(trial)
     goal = GOAL_WORDING[trial.Goal].format(SP=speaker, LS=listener)
     lines.append(f"{goal} what would {speaker} be most likely to say?")
-    # A trials table written before the orders were kept has none: its prompts were in order 1.
-    options = OPTION_ORDERS[int(value(trial, "option_order", "1"))]
+    options = OPTION_ORDERS[int(value(trial, "option_order", str(ORDER_BEFORE_ORDERS)))]
     lines.append(f"Reply with exactly one of: {', '.join(options)}.")
     return "\n".join(lines)
 
@@ -309,8 +312,9 @@ def _answers(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
         frame = rows[["model", ID_COLUMN, analysis.ITEM]].assign(
             goal=rows["Goal"],
             state_hearts=rows["State"],
-            # Trials stored before the orders were kept were all asked in order 1.
-            option_order=rows["option_order"].fillna(1) if "option_order" in rows else 1,
+            option_order=(
+                rows["option_order"].fillna(ORDER_BEFORE_ORDERS) if "option_order" in rows else ORDER_BEFORE_ORDERS
+            ),
         )
         frame = frame.join(p.astype("float64"))
         frame["p_negation"] = frame[NEGATED_UTTERANCES].sum(axis=1)
